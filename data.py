@@ -1,0 +1,174 @@
+"""
+Data: extractive question answering rows, read from disk and checked before training sees them.
+
+A row is one question about one short passage (the "context"). The answer is a span copied out of the
+context, or nothing at all when the context does not contain it (SQuAD v2 style "unanswerable" questions;
+about a third of PersianQA and a quarter of our bundled sample). After loading, every row looks like
+
+    {"id": "pqs-0001", "title": "...", "context": "...", "question": "...", "answers": ["span", ...]}
+
+with `answers == []` for an unanswerable question. Files come in two shapes and we accept both:
+
+  flat, one row per JSON object (JSONL, or a JSON list), as on the Hugging Face Hub:
+    {"id", "title", "context", "question", "answers": {"text": [...], "answer_start": [...]}}
+    (`answers` may also be a list of {"text", "answer_start"} dicts, or the plain list of spans that
+    load_qa_rows itself returns, so rows it wrote back to JSONL load again)
+  nested SQuAD v2 JSON, as the PersianQA authors ship pqa_train.json / pqa_test.json:
+    {"data": [{"title", "paragraphs": [{"context", "qas": [{"id", "question", "is_impossible",
+                                                          "answers": [{"text", "answer_start"}]}]}]}]}
+
+Real data sets carry a few broken rows (an empty question, an answer that is not in its context).
+We skip those rather than crash, count them by reason, and say so in one printed line.
+"""
+
+import json
+import os
+import random
+from collections import Counter
+
+# A generative model cannot "point at nothing" the way a span-extraction model does: it must write
+# something. For unanswerable questions we train it to write this phrase ("the answer is not in the text"),
+# and evaluate.py maps it back to the empty prediction before scoring.
+NO_ANSWER = "پاسخ در متن نیست"
+
+EXPECTED_SHAPE = (
+    "expected JSONL or a JSON list of rows like "
+    '{"id", "title", "context", "question", "answers": {"text": [...], "answer_start": [...]}}, '
+    'or SQuAD v2 JSON {"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}'
+)
+
+
+def _flatten_squad(data):
+    """Nested SQuAD v2 articles -> flat raw rows (checked later like any other row)."""
+    for article in data:
+        for paragraph in article.get("paragraphs", []):
+            for qa in paragraph.get("qas", []):
+                # SQuAD v2 marks unanswerable questions explicitly; trust the flag over the answer list
+                answers = [] if qa.get("is_impossible") else qa.get("answers")
+                yield {"id": qa.get("id"), "title": article.get("title"), "context": paragraph.get("context"),
+                       "question": qa.get("question"), "answers": answers}
+
+
+def _read_raw(text):
+    """File text -> (raw rows, line numbers of JSONL lines that are not valid JSON)."""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, dict) and isinstance(whole.get("data"), list):
+        data = whole["data"]
+        if all(isinstance(a, dict) and "paragraphs" in a for a in data):
+            return list(_flatten_squad(data)), []
+        return data, []  # {"data": [flat rows]}, as some exporters write it
+    if isinstance(whole, list):
+        return whole, []
+    rows, bad_lines = [], []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad_lines.append(lineno)
+    return rows, bad_lines
+
+
+def _answer_pairs(answers):
+    """Any accepted answers field -> list of (text, answer_start); None if the shape is wrong."""
+    if isinstance(answers, dict):
+        texts, starts = answers.get("text"), answers.get("answer_start")
+        if not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts):
+            return None
+        return list(zip(texts, starts))
+    if isinstance(answers, list) and all(isinstance(a, dict) for a in answers):
+        return [(a.get("text"), a.get("answer_start")) for a in answers]
+    if isinstance(answers, list) and all(isinstance(a, str) for a in answers):
+        return [(a, None) for a in answers]  # our own output shape: spans without offsets
+    return None
+
+
+def _check_row(raw, index):
+    """One raw row -> (clean row, None) or (None, reason it was skipped)."""
+    if not isinstance(raw, dict):
+        return None, "not a JSON object"
+    context, question = raw.get("context"), raw.get("question")
+    if not isinstance(context, str) or not context.strip():
+        return None, "no context"
+    if not isinstance(question, str) or not question.strip():
+        return None, "no question"
+    pairs = _answer_pairs(raw.get("answers"))
+    if pairs is None:
+        return None, "bad answers field"
+    answers = []
+    for text, start in pairs:
+        if not isinstance(text, str) or not text.strip():
+            return None, "bad answers field"
+        # the offset should point at the span; some real files are off by a few characters, so a span
+        # that occurs elsewhere in the context is still a valid extractive answer
+        at_start = isinstance(start, int) and context[start:start + len(text)] == text
+        if not at_start and text not in context:
+            return None, "answer not in context"
+        answers.append(text.strip())
+    row_id = raw.get("id")
+    return {
+        "id": str(row_id) if row_id not in (None, "") else f"row-{index}",
+        "title": raw.get("title") if isinstance(raw.get("title"), str) else "",
+        "context": context,
+        "question": question.strip(),
+        "answers": list(dict.fromkeys(answers)),  # drop repeated gold spans, keep their order
+    }, None
+
+
+def load_qa_rows(path):
+    """Read QA rows from `path` (flat JSONL/JSON or nested SQuAD v2 JSON). Returns (rows, n_skipped).
+
+    Malformed rows are skipped; when any are, one line says how many, why, and from which file.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no QA data file at {path!r}: {EXPECTED_SHAPE}. "
+                                f"The bundled sample is data/persian_qa_sample.jsonl.")
+    with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
+        raw_rows, bad_lines = _read_raw(f.read())
+
+    rows, reasons = [], Counter()
+    for index, raw in enumerate(raw_rows):
+        row, reason = _check_row(raw, index)
+        if row is None:
+            reasons[reason] += 1
+        else:
+            rows.append(row)
+
+    n_skipped = sum(reasons.values()) + len(bad_lines)
+    if n_skipped:
+        parts = [f"{n} {reason}" for reason, n in reasons.most_common()]
+        if bad_lines:
+            shown = ", ".join(str(n) for n in bad_lines[:5]) + (", ..." if len(bad_lines) > 5 else "")
+            parts.append(f"{len(bad_lines)} bad JSON on line{'s' if len(bad_lines) > 1 else ''} {shown}")
+        total = len(raw_rows) + len(bad_lines)
+        print(f"{path}: skipped {n_skipped} of {total} rows ({', '.join(parts)})")
+    if not rows:
+        raise ValueError(f"{path}: no usable QA rows; {EXPECTED_SHAPE}")
+    return rows, n_skipped
+
+
+def split_rows(rows, val_fraction, seed):
+    """Split rows into (train, val) by CONTEXT: every question about one passage lands on the same side.
+
+    Splitting question by question would put passages the model has trained on into validation, and the
+    score would measure memory of the passage rather than reading. The split is a seeded shuffle of the
+    distinct contexts, so the same rows, fraction and seed always give the same split.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    contexts = list(dict.fromkeys(row["context"] for row in rows))  # distinct, in first-seen order
+    n_val = round(val_fraction * len(contexts))
+    if val_fraction > 0:
+        if len(contexts) < 2:
+            raise ValueError(f"cannot split {len(contexts)} distinct context(s) into train and val; "
+                             f"add data or use val_fraction=0")
+        n_val = min(max(n_val, 1), len(contexts) - 1)  # both sides get at least one passage
+    random.Random(seed).shuffle(contexts)
+    val_contexts = set(contexts[:n_val])
+    train = [row for row in rows if row["context"] not in val_contexts]
+    val = [row for row in rows if row["context"] in val_contexts]
+    return train, val
