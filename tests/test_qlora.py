@@ -1,0 +1,98 @@
+"""QLoRA: LoRA on a frozen 4-bit base (quant.Linear4bit). The 4-bit bytes never change; merging gives a dense model."""
+import pytest
+import torch
+import torch.nn as nn
+
+from lora import LoRALinear, apply_lora, load_adapter, merge_lora, save_adapter, trainable_report
+from model import Llama, ModelArgs
+from quant import Linear4bit, quantize_model
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def tiny_qlora_base(compute_dtype=torch.float32):
+    torch.manual_seed(0)
+    model = Llama(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, hidden_dim=96,
+                            max_seq_len=64)).eval()
+    return quantize_model(model, compute_dtype=compute_dtype)  # every linear but lm_head becomes 4-bit
+
+
+def batch(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 61, (4, 16), generator=g), torch.randint(0, 61, (4, 16), generator=g)
+
+
+def four_bit_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if ".lora_" not in k and "_proj.weight" in k}
+
+
+def test_qlora_trains_adapters_only_and_merges(tmp_path):
+    model = tiny_qlora_base()
+    idx, targets = batch()
+    with torch.no_grad():
+        base_logits = model(idx)[0]
+    frozen = four_bit_state(model)
+    assert any(k.endswith("q_proj.weight.absmax") for k in frozen)  # bitsandbytes keys of the packed base
+
+    apply_lora(model, r=8, alpha=16, dropout=0.0, targets=TARGETS)
+    assert isinstance(model.model.layers[0].self_attn.q_proj.base, Linear4bit)
+    with torch.no_grad():
+        assert torch.equal(model(idx)[0], base_logits)  # at init: exactly the quantized base model
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(10):
+        _, loss = model(idx, targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < 0.85 * losses[0], losses
+    after = four_bit_state(model)
+    assert after.keys() == frozen.keys()
+    for k, v in frozen.items():
+        assert torch.equal(after[k], v), k  # packed nibbles, absmax, nested absmax, ...: bit-identical
+
+    model.eval()
+    with torch.no_grad():
+        qlora_logits = model(idx)[0]
+    save_adapter(model, str(tmp_path))
+    # round trip: a freshly quantized base (same bytes) + the adapter gives the same model, bit for bit
+    back = load_adapter(tiny_qlora_base(), str(tmp_path))
+    with torch.no_grad():
+        assert torch.equal(back(idx)[0], qlora_logits)
+
+    merge_lora(model)
+    assert not any(isinstance(m, (LoRALinear, Linear4bit)) for m in model.modules())
+    assert type(model.model.layers[0].mlp.down_proj) is nn.Linear
+    with torch.no_grad():
+        # dequantize + delta in fp32 vs. the unmerged sum of two matmuls: equal up to fp32 rounding
+        torch.testing.assert_close(model(idx)[0], qlora_logits, atol=1e-5, rtol=0)
+
+
+def test_trainable_report_counts_4bit_weights_by_their_original_shape():
+    dense = Llama(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=61, hidden_dim=96,
+                            max_seq_len=64))
+    quantized = tiny_qlora_base()
+    for m in (dense, quantized):
+        apply_lora(m, r=4, targets=["q_proj", "v_proj"])
+    assert trainable_report(quantized) == trainable_report(dense)
+    packed = quantized.model.layers[0].self_attn.q_proj.base.weight
+    assert packed.numel() == 64 * 64 // 2  # two weights per byte, but counted as 64 * 64 parameters
+
+
+def test_bf16_compute_dtype_keeps_fp32_adapters():
+    model = apply_lora(tiny_qlora_base(compute_dtype=torch.bfloat16), r=4, dropout=0.0, targets=TARGETS)
+    layer = model.model.layers[0].mlp.up_proj
+    x = torch.randn(2, 5, 64)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and layer.lora_A.weight.dtype == torch.float32
+    y.float().sum().backward()
+    assert layer.lora_B.weight.grad.dtype == torch.float32 and layer.lora_B.weight.grad.abs().sum() > 0
+
+
+def test_a_4bit_base_is_not_merged_in_place():
+    layer = LoRALinear(Linear4bit.from_weight(torch.randn(32, 64), compute_dtype=torch.float32), r=2, alpha=2)
+    with pytest.raises(TypeError, match="merge_lora"):
+        layer.merge()
