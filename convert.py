@@ -334,7 +334,8 @@ def hf_config(args, dtype=torch.float32, extra=None):
 
 def atomic_write(path, write):
     """Write through a temporary file in the same folder, then rename: a crash never leaves half a file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
+    # torch.save names its zip archive after the file, so the temporary name must be an ordinary file name
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=os.path.basename(path) + ".tmp-")
     os.close(fd)
     try:
         write(tmp)

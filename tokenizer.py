@@ -70,6 +70,7 @@ class Tokenizer:
             family = ("llama3" if "<|start_header_id|>" in vocab else "chatml" if "<|im_start|>" in vocab
                       else "llama2")
             self.chat_template = TEMPLATES[family]
+        self._template = None
 
     def encode(self, text, bos=False, eos=False):
         if self.kind == "bpe":
@@ -97,15 +98,16 @@ class Tokenizer:
 
     def render_chat(self, messages, add_generation_prompt=True):
         """messages: [{"role": "system"|"user"|"assistant", "content": str}] -> the prompt text the model expects."""
-        from jinja2.sandbox import ImmutableSandboxedEnvironment  # a template is data: it must not run code
+        if self._template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment  # a template is data: it must not run code
 
-        def raise_exception(msg):
-            raise ValueError(f"chat template: {msg}")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        return env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            def raise_exception(msg):
+                raise ValueError(f"chat template: {msg}")
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)  # compiled once, rendered for every row
+        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
     def encode_chat(self, messages, add_generation_prompt=True):
         # The template writes BOS itself where the model wants it, so no extra BOS is added here.

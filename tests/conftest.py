@@ -22,3 +22,21 @@ def bundled_dir():
 def bundled_gguf():
     import prepare
     return prepare.bundled_gguf_path()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(bundled_dir, tmp_path_factory):
+    """A tiny random LLaMA with the bundled tokenizer: train.py end to end in seconds."""
+    import shutil
+
+    import torch
+
+    from model import Llama, ModelArgs
+    out = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    model = Llama(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, hidden_dim=128,
+                            max_seq_len=1024, tie_embeddings=True))
+    model.save_pretrained(str(out))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(bundled_dir, f), out / f)
+    return str(out)

@@ -1,0 +1,31 @@
+# QLoRA fine-tuning of Llama 2 7B chat on PersianQA, sized for one 24 GB GPU.
+# Get the weights and data first:
+#   HF_TOKEN=hf_... python prepare.py meta-llama/Llama-2-7b-chat-hf   (accept Meta's licence on the Hub first)
+#   python prepare.py --data persian_qa
+init_from = "checkpoints/Llama-2-7b-chat-hf"
+hub_id = "meta-llama/Llama-2-7b-chat-hf"
+out_dir = "out/persian_qa"
+train_data = "data/persian_qa/train.jsonl"
+val_data = "data/persian_qa/test.jsonl"
+
+# The QLoRA recipe of the notes: 4-bit NF4 base with double quantization, bf16 compute, paged optimizer.
+quantize = "nf4"
+dtype = "bfloat16"
+optimizer = "paged_adamw"
+gradient_checkpointing = True
+
+lora_r = 32
+lora_alpha = 16
+lora_dropout = 0.1
+lora_targets = "all-linear"   # the QLoRA paper: adapters on every linear layer match full fine-tuning
+
+batch_size = 4
+grad_accum = 4                # 16 sequences per optimizer step
+max_seq_len = 1024
+learning_rate = 2e-4
+warmup_iters = 30
+weight_decay = 0.0
+max_iters = 1000
+eval_interval = 100
+eval_generate = 200
+max_new_tokens = 48

@@ -1,0 +1,406 @@
+"""
+Fine-tune a LLaMA with LoRA or QLoRA on question answering.
+
+    python train.py config/quickstart.py                 # bundled SmolLM2, bundled Persian sample, CPU, minutes
+    python train.py config/persian_qa.py                 # Llama 2 7B chat, QLoRA, one 24 GB GPU
+    python train.py config/quickstart.py --init_from=resume   # continue a run exactly where it stopped
+    torchrun --nproc_per_node=4 train.py config/persian_qa.py  # several GPUs: data parallel
+
+Every setting below can be overridden by a config file and then by --key=value (configurator.py).
+"""
+
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+# -- settings (defaults) -------------------------------------------------------------------------------------------
+init_from = "checkpoints/SmolLM2-135M-Instruct"  # base model folder, or "resume" to continue the run in out_dir
+hub_id = ""                 # where `python prepare.py <hub_id>` gets init_from; named when the folder is missing
+out_dir = "out/quickstart"
+train_data = "data/persian_qa_sample.jsonl"
+val_data = ""               # "" -> hold out val_fraction of train_data's passages
+val_fraction = 0.15
+# LoRA: W0 + (alpha / r) B A on the target layers; see lora.py
+lora_r = 16
+lora_alpha = 32
+lora_dropout = 0.05
+lora_targets = "all-linear"  # or a tuple of names such as ("q_proj", "v_proj")
+lora_modules_to_save = ()    # ("lm_head",) / ("embed_tokens",) to train those fully
+use_rslora = False
+quantize = "none"            # "nf4": 4-bit base weights with double quantization (QLoRA); see quant.py
+# batches: one optimizer step sees batch_size * grad_accum * n_gpus sequences
+batch_size = 8
+grad_accum = 1
+max_seq_len = 512
+# optimizer and schedule: linear warmup, then cosine decay to min_lr_ratio * learning_rate
+optimizer = "adamw"          # or "paged_adamw" (optim.py): Adam states in CPU memory, paged through the GPU
+learning_rate = 2e-4
+min_lr_ratio = 0.1
+warmup_iters = 10
+lr_decay_iters = 0           # 0 -> max_iters
+weight_decay = 0.0
+beta1, beta2 = 0.9, 0.999
+grad_clip = 1.0              # 0 disables
+max_iters = 0                # optimizer steps; 0 -> epochs * steps per epoch
+epochs = 1
+# evaluation and logging
+eval_interval = 50           # validation loss (and a checkpoint) every this many steps
+eval_generate = 32           # validation questions answered by generation for EM/F1 before and after (0: none)
+max_new_tokens = 32
+wandb_log = False
+wandb_project = "lora-course"
+wandb_run_name = "run"
+# system
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+gradient_checkpointing = False
+seed = 1337
+# -------------------------------------------------------------------------------------------------------------------
+settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))}
+
+from configurator import configure  # noqa: E402
+import data  # noqa: E402
+from evaluate import answer_from_generation, score  # noqa: E402
+from lora import apply_lora, save_adapter, trainable_report  # noqa: E402
+from model import Llama  # noqa: E402
+from optim import PagedAdamW  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
+
+STATE_FILE = "train_state.pt"
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+def get_lr(it, cfg, total):
+    """Warmup protects the freshly initialised LoRA matrices from large first steps; cosine then anneals."""
+    decay = cfg["lr_decay_iters"] or total
+    if it < cfg["warmup_iters"]:
+        return cfg["learning_rate"] * (it + 1) / cfg["warmup_iters"]
+    progress = min(1.0, (it - cfg["warmup_iters"]) / max(1, decay - cfg["warmup_iters"]))
+    low = cfg["min_lr_ratio"] * cfg["learning_rate"]
+    return low + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg["learning_rate"] - low)
+
+
+def memory_estimate(model, n_trainable, cfg, act_bytes):
+    """
+    Bytes the run needs on the training device, from the transformer math of the notes:
+      weights      what the model holds (a 4-bit weight counts its packed bytes and its scales)
+      lora         trainable parameters, fp32: 4 bytes each; their gradients another 4
+      optimizer    Adam keeps two fp32 moments: 8 bytes per trainable parameter (paged: in CPU memory instead)
+      activations  per layer about 34 * T * B * dim values are kept for backward (attention scores are not stored:
+                   SDPA recomputes them); gradient checkpointing keeps only each layer's input, 2 * T * B * dim,
+                   plus one layer's full set while it is recomputed.
+    """
+    a = model.args
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    tokens = cfg["batch_size"] * cfg["max_seq_len"]
+    per_layer = 34 * tokens * a.dim * act_bytes / 2  # the 34 counts 16-bit values: halve for bytes per value
+    acts = (a.n_layers * 2 * tokens * a.dim * act_bytes / 2 + per_layer) if cfg["gradient_checkpointing"] \
+        else a.n_layers * per_layer
+    est = {"weights": weights, "lora": 4 * n_trainable, "gradients": 4 * n_trainable,
+           "optimizer": 0 if cfg["optimizer"] == "paged_adamw" else 8 * n_trainable, "activations": acts}
+    est["total"] = sum(est.values())
+    return est
+
+
+def gib(n):
+    return f"{n / 2**30:.2f} GiB"
+
+
+def peak_memory(device):
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+@torch.no_grad()
+def val_loss(model, examples, cfg, pad_id, ctx):
+    """Mean loss per answer token over the whole validation set."""
+    model.eval()
+    total, count = 0.0, 0
+    for b in range(0, len(examples), cfg["batch_size"]):
+        idx, targets = data.collate(examples, list(range(b, min(b + cfg["batch_size"], len(examples)))), pad_id)
+        n = int((targets != -100).sum())
+        with ctx:
+            _, loss = model(idx.to(cfg["device"]), targets.to(cfg["device"]))
+        total, count = total + loss.item() * n, count + n
+    model.train()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def answer_questions(model, tok, rows, cfg, ctx):
+    """Greedy answers to validation questions, scored SQuAD-style (evaluate.py)."""
+    model.eval()
+    preds, golds = [], []
+    for row in rows:
+        ids = tok.encode_chat(data.qa_messages(row["context"], row["question"]))
+        ids = ids[-(model.args.max_seq_len - cfg["max_new_tokens"]):]
+        out = []
+        with ctx:
+            for nxt in model.generate(torch.tensor([ids], device=cfg["device"]), cfg["max_new_tokens"], temperature=0):
+                if nxt.item() in tok.stop_ids:
+                    break
+                out.append(nxt.item())
+        preds.append(answer_from_generation(tok.decode(out)))
+        golds.append(row["answers"])
+    model.train()
+    return score(preds, golds), preds
+
+
+def save_checkpoint(out_dir, model, opt, cfg, base, pos, history):
+    """
+    One file holds everything a resume needs (trainable weights, optimizer, RNG, data position), written to a
+    temporary name and renamed, so a crash mid-write never leaves a broken checkpoint. The adapter is also written
+    in PEFT's format for sample.py, the merge command and PEFT itself.
+    """
+    from convert import atomic_write
+    state = {"trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+             "optimizer": opt.state_dict(), "pos": pos, "history": history, "config": cfg,
+             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    atomic_write(os.path.join(out_dir, STATE_FILE), lambda p: torch.save(state, p))
+    save_adapter(model, out_dir, base_model_name_or_path=base)
+    atomic_write(os.path.join(out_dir, "config.json"),
+                 lambda p: open(p, "w").write(json.dumps(cfg, indent=2, default=list) + "\n"))
+
+
+def plot_losses(history, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h[0] for h in history["train"]], [h[1] for h in history["train"]], lw=1, label="train")
+    if history["val"]:
+        ax.plot([h[0] for h in history["val"]], [h[1] for h in history["val"]], "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss per answer token")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    cfg = configure(settings, argv)
+    resume = cfg["init_from"] == "resume"
+    state = None
+    if resume:
+        path = os.path.join(cfg["out_dir"], STATE_FILE)
+        if not os.path.exists(path):
+            fail(f"init_from=resume but {path} does not exist (no run to continue in out_dir={cfg['out_dir']!r})")
+        state = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by save_checkpoint
+        overrides = {k: v for k, v in cfg.items() if v != settings[k] and k != "init_from"}
+        cfg = dict(state["config"], **overrides)  # the run's settings, plus what this command changes
+    base = cfg["init_from"]
+
+    # -- distributed: under torchrun every process trains on its own slice of each global batch ------------------
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group(backend="nccl" if cfg["device"].startswith("cuda") else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if cfg["device"].startswith("cuda"):
+            cfg["device"] = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(cfg["device"])
+    master = rank == 0
+    device = cfg["device"]
+    torch.manual_seed(cfg["seed"])
+    random.seed(cfg["seed"])
+
+    # -- model: base weights frozen (optionally 4-bit), LoRA matrices trainable -----------------------------------
+    if not os.path.isdir(base):
+        hint = f"python prepare.py {cfg['hub_id']}" if cfg["hub_id"] else "python prepare.py [<hub repo id>]"
+        fail(f"base model folder {base!r} not found. Get it with: {hint}")
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["dtype"]]
+    try:
+        model = Llama.from_pretrained(base, dtype=ptdtype, device=device, max_seq_len=cfg["max_seq_len"] + 64 + cfg["max_new_tokens"],
+                                      quantize=None if cfg["quantize"] == "none" else cfg["quantize"])
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    tok = Tokenizer(base)
+    apply_lora(model, r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
+               targets=cfg["lora_targets"], use_rslora=cfg["use_rslora"],
+               modules_to_save=tuple(cfg["lora_modules_to_save"]))
+    model.gradient_checkpointing = cfg["gradient_checkpointing"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    if state is not None:
+        named = dict(model.named_parameters())
+        for n, t in state["trainable"].items():
+            named[n].data.copy_(t)
+    if master:
+        print(trainable_report(model))
+    raw_model = model
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+
+    # -- data -------------------------------------------------------------------------------------------------------
+    for path in (cfg["train_data"], cfg["val_data"]):
+        if path and not os.path.exists(path):
+            fail(f"data file {path!r} not found" + (" (get PersianQA with: python prepare.py --data persian_qa)"
+                                                     if "persian_qa/" in path else ""))
+    rows, _ = data.load_qa_rows(cfg["train_data"])
+    if cfg["val_data"]:
+        train_rows, (val_rows, _) = rows, data.load_qa_rows(cfg["val_data"])
+    else:
+        train_rows, val_rows = data.split_rows(rows, cfg["val_fraction"], cfg["seed"])
+    train_ex = data.encode_rows(tok, train_rows, cfg["max_seq_len"])
+    val_ex = data.encode_rows(tok, val_rows, cfg["max_seq_len"])
+    pad_id = tok.eos_id if tok.eos_id is not None else 0
+    global_bs = cfg["batch_size"] * world
+    n_batches = len(data.make_batches(train_ex, global_bs, cfg["seed"], 0))
+    if world > 1:
+        n_batches = len(train_ex) // global_bs  # every process needs a share of every batch: drop a ragged tail
+    steps_per_epoch = max(1, n_batches // cfg["grad_accum"])
+    max_iters = cfg["max_iters"] or cfg["epochs"] * steps_per_epoch
+
+    # -- optimizer --------------------------------------------------------------------------------------------------
+    decay = [p for p in params if p.dim() >= 2]
+    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    Opt = PagedAdamW if cfg["optimizer"] == "paged_adamw" else torch.optim.AdamW
+    if cfg["optimizer"] not in ("adamw", "paged_adamw"):
+        fail(f"optimizer must be 'adamw' or 'paged_adamw', got {cfg['optimizer']!r}")
+    opt = Opt(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]))
+    pos = {"iter": 0, "epoch": 0, "batch": 0}
+    history = {"train": [], "val": [], "before": None, "after": None}
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        pos, history = state["pos"], state["history"]
+        torch.set_rng_state(state["rng"]["torch"])
+        random.setstate(state["rng"]["python"])
+        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    use_autocast = device.startswith("cuda") and ptdtype != torch.float32
+    ctx = torch.autocast("cuda", dtype=ptdtype) if use_autocast else nullcontext()
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    if master:
+        est = memory_estimate(raw_model, n_trainable, cfg, 2 if ptdtype != torch.float32 else 4)
+        print("memory estimate: " + ", ".join(f"{k} {gib(v)}" for k, v in est.items()))
+        print(f"{len(train_ex)} training and {len(val_ex)} validation examples; {steps_per_epoch} steps per epoch; "
+              f"training for {max_iters} steps")
+    if cfg["wandb_log"] and master:
+        import wandb
+        wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg)
+    eval_rows = val_rows[:cfg["eval_generate"]]
+    if master and state is None:  # the base model's numbers: what training has to beat
+        if val_ex:
+            history["val"].append((0, val_loss(raw_model, val_ex, cfg, pad_id, ctx)))
+            print(f"before training: val loss {history['val'][0][1]:.4f}")
+        if eval_rows:
+            history["before"], _ = answer_questions(raw_model, tok, eval_rows, cfg, ctx)
+            print(f"before training: EM {history['before']['exact_match']:.1f}  F1 {history['before']['f1']:.1f}")
+
+    # -- the loop ---------------------------------------------------------------------------------------------------
+    from tqdm import tqdm
+    bar = tqdm(total=max_iters, initial=pos["iter"], disable=not master, dynamic_ncols=True)
+    batches = data.make_batches(train_ex, global_bs, cfg["seed"], pos["epoch"])
+    model.train()
+    t0, tokens_seen = time.time(), 0
+
+    def next_batch():
+        nonlocal batches
+        if pos["batch"] >= n_batches:  # epoch done: the next one has its own seeded order
+            pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
+            batches = data.make_batches(train_ex, global_bs, cfg["seed"], pos["epoch"])
+        b = batches[pos["batch"]]
+        pos["batch"] += 1
+        mine = b[rank * cfg["batch_size"]:(rank + 1) * cfg["batch_size"]] if world > 1 else b
+        return data.collate(train_ex, mine, pad_id)
+
+    try:
+        while pos["iter"] < max_iters:
+            it = pos["iter"]
+            lr = get_lr(it, cfg, max_iters)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            micro = [next_batch() for _ in range(cfg["grad_accum"])]
+            # Normalise by the answer tokens of the whole global batch, so every token weighs the same however the
+            # batch is cut into micro-batches and processes (a mean per micro-batch would not).
+            n_tok = torch.tensor(float(sum(int((t != -100).sum()) for _, t in micro)), device=device)
+            if ddp:
+                dist.all_reduce(n_tok)
+            step_loss = 0.0
+            for k, (idx, targets) in enumerate(micro):
+                idx, targets = idx.to(device), targets.to(device)
+                sync = not ddp or k == len(micro) - 1
+                with (nullcontext() if sync else model.no_sync()), ctx:
+                    _, loss = model(idx, targets)
+                    n = (targets != -100).sum()
+                    # DDP averages gradients over processes; multiply by world so the result is the global sum
+                    scaled = loss * n / n_tok * world
+                if not torch.isfinite(loss):
+                    fail(f"loss is {loss.item()} at step {it}. Stopped; the last good checkpoint is kept in "
+                         f"{cfg['out_dir']}. Try a lower learning_rate (now {cfg['learning_rate']}) or grad_clip=1.0")
+                scaled.backward()
+                step_loss += scaled.item() / world
+                tokens_seen += idx.numel()
+            if ddp:  # the loss printed is the global one
+                t = torch.tensor(step_loss, device=device)
+                dist.all_reduce(t)
+                step_loss = t.item()
+            if cfg["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            pos["iter"] += 1
+            history["train"].append((pos["iter"], step_loss))
+            if master:
+                tps = tokens_seen * world / (time.time() - t0)
+                bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}",
+                                mem=gib(peak_memory(device)))
+                bar.update(1)
+                if cfg["wandb_log"]:
+                    wandb.log({"train/loss": step_loss, "lr": lr, "tokens_per_s": tps}, step=pos["iter"])
+            last = pos["iter"] == max_iters
+            if pos["iter"] % cfg["eval_interval"] == 0 or last:
+                if master:
+                    vl = val_loss(raw_model, val_ex, cfg, pad_id, ctx) if val_ex else float("nan")
+                    history["val"].append((pos["iter"], vl))
+                    bar.write(f"step {pos['iter']}: train loss {step_loss:.4f}, val loss {vl:.4f}")
+                    if cfg["wandb_log"]:
+                        wandb.log({"val/loss": vl}, step=pos["iter"])
+                    save_checkpoint(cfg["out_dir"], raw_model, opt, cfg, base, pos, history)
+                    plot_losses(history, os.path.join(cfg["out_dir"], "loss.png"))
+                if ddp:
+                    dist.barrier()
+    except KeyboardInterrupt:
+        if master:  # parameters and optimizer are consistent between steps: keep the progress
+            bar.write(f"interrupted: saving step {pos['iter']} to {cfg['out_dir']} (continue with --init_from=resume)")
+            save_checkpoint(cfg["out_dir"], raw_model, opt, cfg, base, pos, history)
+        sys.exit(130)
+    bar.close()
+
+    if master:
+        if eval_rows:
+            history["after"], preds = answer_questions(raw_model, tok, eval_rows, cfg, ctx)
+            print(f"after training:  EM {history['after']['exact_match']:.1f}  F1 {history['after']['f1']:.1f}")
+        metrics = {"before": history["before"], "after": history["after"], "val_loss": history["val"],
+                   "train_loss_last": history["train"][-1][1] if history["train"] else None,
+                   "peak_memory_bytes": peak_memory(device), "estimated_memory_bytes": est["total"]}
+        with open(os.path.join(cfg["out_dir"], "metrics.json"), "w") as f:  # strict JSON: NaN (no such questions) -> null
+            json.dump(json.loads(json.dumps(metrics).replace("NaN", "null")), f, indent=2)
+        print(f"peak memory: {gib(peak_memory(device))} measured ({'GPU allocated' if device.startswith('cuda') else 'process RSS'}), "
+              f"{gib(est['total'])} estimated. Adapter and metrics in {cfg['out_dir']}")
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
