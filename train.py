@@ -98,12 +98,15 @@ def memory_estimate(model, n_trainable, cfg, act_bytes):
       weights      what the model holds (a 4-bit weight counts its packed bytes and its scales)
       lora         trainable parameters, fp32: 4 bytes each; their gradients another 4
       optimizer    Adam keeps two fp32 moments: 8 bytes per trainable parameter (paged: in CPU memory instead)
-      activations  per layer about 34 * T * B * dim values are kept for backward (attention scores are not stored:
+      activations  per layer about 34 * T * B * dim bytes (16-bit values) are kept for backward (attention scores are not stored:
                    SDPA recomputes them); gradient checkpointing keeps only each layer's input, 2 * T * B * dim,
                    plus one layer's full set while it is recomputed.
     """
     a = model.args
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    # Each storage once (a tied head is the embedding), trainable tensors excluded (they are the "lora" line).
+    trainable = {p.untyped_storage().data_ptr() for p in model.parameters() if p.requires_grad}
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
+    weights = sum(n for ptr, n in storages.items() if ptr not in trainable)
     tokens = cfg["batch_size"] * cfg["max_seq_len"]
     per_layer = 34 * tokens * a.dim * act_bytes / 2  # the 34 counts 16-bit values: halve for bytes per value
     acts = (a.n_layers * 2 * tokens * a.dim * act_bytes / 2 + per_layer) if cfg["gradient_checkpointing"] \

@@ -71,3 +71,18 @@ def test_greedy_continuation_equals_transformers(bundled_dir, bundled_gguf):
         got = torch.cat(list(ours.generate(x, 30, temperature=0)), dim=1)
         want = ref.generate(x, max_new_tokens=30, do_sample=False, pad_token_id=0)[:, len(ids):]
         assert got.shape == (1, 30) and got.tolist() == want.tolist(), prompt
+
+
+def test_prepare_converts_into_a_fresh_folder_and_is_idempotent(tmp_path, capsys):
+    """Never rely on an existing checkpoints/: convert from the GGUF again, then check a second run is a no-op."""
+    import prepare
+    out = str(tmp_path / "smol")
+    prepare.prepare_bundled(out)
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    before = os.path.getmtime(os.path.join(out, "model.safetensors"))
+    prepare.prepare_bundled(out)
+    assert "already converted" in capsys.readouterr().out
+    assert os.path.getmtime(os.path.join(out, "model.safetensors")) == before
+    model = Llama.from_pretrained(out)
+    assert (model.args.dim, model.args.n_layers, model.args.n_heads, model.args.n_kv_heads) == (576, 30, 9, 3)
+    assert model.args.tie_embeddings and model.args.rope_theta == 100000.0
