@@ -1,0 +1,128 @@
+"""
+What the three benchmarks share: timing, memory readings, the worker subprocess, and the summary line.
+
+A fair speed comparison runs both systems in ONE session, alternating (ours, reference, ours, reference, ...), and
+reports medians: a background process that slows the machine for a while then slows both sides, not just one.
+Every comparison ends in one line a script (or a person) can parse:
+
+    name: ours X unit, reference Y unit, ratio Z
+
+ratio is always ours / reference. For a speed that means higher is better; for memory, lower is better.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root (model.py, quant.py, ...)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+DEFAULT_CHECKPOINT = os.path.join(ROOT, "checkpoints", "SmolLM2-135M-Instruct")
+RESULT_TAG = "BENCH_RESULT "  # a worker's last stdout line: this tag, then its measurements as JSON
+
+
+def summary(name, ours, ref, unit, digits=1):
+    """Print the one parseable line of a comparison."""
+    ratio = ours / ref if ref else float("nan")
+    print(f"{name}: ours {ours:.{digits}f} {unit}, reference {ref:.{digits}f} {unit}, ratio {ratio:.{max(digits, 2)}f}",
+          flush=True)
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def pick_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but torch sees no CUDA GPU; use --device cpu")
+    return name
+
+
+def sync(device):
+    """Wait for queued GPU work, so a timer measures the work and not just its launch."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def set_threads(n):
+    """Pin the number of CPU threads torch uses. On a busy machine 1 thread is often steadier than 2: a parallel
+    region waits for its slowest thread, and a thread descheduled by another process stalls all of them."""
+    if n:
+        torch.set_num_threads(n)
+
+
+def check_checkpoint(path):
+    if not os.path.exists(os.path.join(path, "config.json")):
+        sys.exit(f"error: no checkpoint at {path}; run `python prepare.py` first (it converts the bundled model)")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CPU memory. ru_maxrss-style peaks cover the whole life of a process, so each system is measured in its own fresh
+# process. Linux also lets a process reset its own peak ("5" into /proc/self/clear_refs), which splits the peak of
+# loading from the peak of training.
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def rss_mib():
+    """Resident memory now, in MiB."""
+    return _status_kib("VmRSS") / 1024
+
+
+def peak_rss_mib():
+    """Highest resident memory of this process so far (or since reset_peak_rss), in MiB."""
+    return _status_kib("VmHWM") / 1024
+
+
+def reset_peak_rss():
+    """Make VmHWM start again from the current RSS. Returns False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def run_worker(script, args, env=None):
+    """Run `python script args...` in a fresh process; return the JSON dict on its BENCH_RESULT line."""
+    cmd = [sys.executable, script] + [str(a) for a in args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    lines = [l for l in proc.stdout.splitlines() if l.startswith(RESULT_TAG)]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        sys.exit(f"error: worker failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+    return json.loads(lines[-1][len(RESULT_TAG):])
+
+
+def report_result(result):
+    """A worker's last act: hand its measurements to the parent process."""
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+class Timer:
+    """Wall-clock seconds of a block, with the device synchronized at both ends."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        sync(self.device)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        sync(self.device)
+        self.seconds = time.perf_counter() - self.t0

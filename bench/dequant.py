@@ -1,0 +1,125 @@
+"""
+NF4 dequantization throughput: the step QLoRA runs twice per linear layer per training step (forward and backward).
+
+    python bench/dequant.py                   # a 4096 x 4096 weight (a Llama-7B attention projection)
+    python bench/dequant.py --smoke           # a small weight, to check that it runs
+
+One weight is quantized once by quant.quantize_nf4 (NF4, blocks of 64, double quantization). The reference is
+given those very bytes as a bitsandbytes QuantState, so both sides turn identical input into (bit for bit, the
+script checks) identical output.
+  CPU:  our pure-torch twin vs bitsandbytes' dequantize_4bit (its C++ CPU kernel);
+        our torch twin vs a copy that moves as many bytes (the memory-bandwidth bound).
+  CUDA: our Triton kernel vs a device-to-device copy that moves as many bytes (the bandwidth bound),
+        our pure-torch twin vs that copy, our Triton kernel vs the torch twin, our Triton kernel vs bitsandbytes.
+Two units:
+  "GB/s out"     bytes of dequantized weight written per second (what the matmul that follows consumes);
+  "GB/s moved"   bytes read (packed nibbles + 8-bit absmax codes + fp32 nested absmax) plus bytes written, per
+                 second. The copy reads and writes half that total each, into a new tensor as dequantization
+                 does, so "ratio" in a *_vs_copy line is the fraction of the copy's bandwidth the
+                 dequantization reaches.
+"""
+
+import argparse
+
+import torch
+
+from common import Timer, median, pick_device, set_threads, summary
+
+
+def bnb_state(state, dtype):
+    """Our QuantState as a bitsandbytes one (same tensors, no copies)."""
+    import bitsandbytes.functional as bF
+    nested = bF.QuantState(absmax=state.nested_absmax, code=state.nested_code, blocksize=state.nested_blocksize,
+                           dtype=torch.float32)
+    return bF.QuantState(absmax=state.absmax, shape=state.shape, code=state.code, blocksize=state.blocksize,
+                         quant_type="nf4", dtype=dtype, offset=torch.tensor(state.offset, device=state.absmax.device),
+                         state2=nested)
+
+
+def bytes_moved(packed, state, dtype):
+    read = packed.numel() + state.absmax.numel() * state.absmax.element_size() + state.nested_absmax.numel() * 4
+    written = state.shape.numel() * torch.finfo(dtype).bits // 8
+    return read + written
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=4096)
+    p.add_argument("--cols", type=int, default=4096)
+    p.add_argument("--blocksize", type=int, default=64)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="output dtype; auto: float32 on CPU (the CPU compute dtype), bfloat16 on CUDA")
+    p.add_argument("--reps", type=int, default=5, help="timed rounds, each system once per round, interleaved")
+    p.add_argument("--iters", type=int, default=0, help="calls per timing (0: 3 on CPU, 50 on CUDA)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny run: checks that everything works, times nothing useful")
+    a = p.parse_args(argv)
+    if a.smoke:
+        a.rows, a.cols, a.reps, a.iters = 256, 256, 1, 1
+    if min(a.rows, a.cols, a.reps) < 1 or a.iters < 0:
+        p.error("--rows, --cols and --reps must be at least 1, --iters at least 0")
+    set_threads(a.threads)
+    device = pick_device(a.device)
+    dtype = getattr(torch, a.dtype) if a.dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
+    iters = a.iters or (50 if device == "cuda" else 3)
+
+    import bitsandbytes.functional as bF
+    from quant import dequantize_nf4, quantize_nf4
+
+    g = torch.Generator().manual_seed(a.seed)
+    weight = torch.randn(a.rows, a.cols, generator=g).to(device)                   # (rows, cols) fp32
+    packed, state = quantize_nf4(weight, a.blocksize, double_quant=True)           # ((n + 1) // 2, 1) uint8
+    ref_state = bnb_state(state, dtype)
+    n, moved = state.shape.numel(), bytes_moved(packed, state, dtype)
+    copy_src = torch.empty(moved // 2, dtype=torch.uint8, device=device)           # read moved/2, write moved/2
+
+    systems = {"torch": lambda: dequantize_nf4(packed, state, dtype, backend="torch"),
+               "bnb": lambda: bF.dequantize_4bit(packed, ref_state),
+               "copy": lambda: copy_src.clone()}  # a NEW tensor, as dequantization makes one (on CPU, fresh
+                                                     # pages cost page faults: both sides pay them)
+    if device == "cuda":
+        systems = {"triton": lambda: dequantize_nf4(packed, state, dtype, backend="triton"), **systems}
+
+    expected, agree = systems["torch"](), "identical"
+    for name in systems:
+        if name != "copy":
+            out = systems[name]()
+            if not torch.equal(out, expected):
+                diff = (out.float() - expected.float()).abs().max().item()
+                print(f"warning: {name} output differs from the torch twin (max abs difference {diff:g})")
+                agree = "NOT identical"
+    print(f"dequant: {a.rows} x {a.cols} NF4 weight ({n / 1e6:.1f}M values), blocksize {a.blocksize}, double quant, "
+          f"-> {dtype} on {device}; {iters} calls per timing, {a.reps} interleaved rounds, "
+          f"{torch.get_num_threads()} CPU threads; outputs {agree}")
+
+    seconds = {name: [] for name in systems}  # per call
+    for fn in systems.values():
+        fn()                                  # warm-up: Triton compiles here, caches fill
+    for _ in range(a.reps):
+        for name, fn in systems.items():
+            with Timer(device) as t:
+                for _ in range(iters):
+                    fn()
+            seconds[name].append(t.seconds / iters)
+    t = {name: median(s) for name, s in seconds.items()}
+    out_bytes = n * torch.finfo(dtype).bits // 8
+    out_gbs = {name: out_bytes / s / 1e9 for name, s in t.items()}
+    moved_gbs = {name: moved / s / 1e9 for name, s in t.items()}
+    for name in systems:
+        print(f"  {name:7s} {t[name] * 1e3:8.3f} ms per call, {n / t[name] / 1e9:6.2f} G weights/s")
+
+    if device == "cuda":
+        summary("dequant_triton_vs_copy", moved_gbs["triton"], moved_gbs["copy"], "GB/s moved")
+        summary("dequant_torch_vs_copy", moved_gbs["torch"], moved_gbs["copy"], "GB/s moved")
+        summary("dequant_triton_vs_torch", out_gbs["triton"], out_gbs["torch"], "GB/s out", digits=2)
+        summary("dequant_triton_vs_bnb", out_gbs["triton"], out_gbs["bnb"], "GB/s out", digits=2)
+    else:
+        summary("dequant_torch_vs_bnb", out_gbs["torch"], out_gbs["bnb"], "GB/s out", digits=3)
+        summary("dequant_torch_vs_copy", moved_gbs["torch"], moved_gbs["copy"], "GB/s moved", digits=3)
+
+
+if __name__ == "__main__":
+    main()
