@@ -303,6 +303,10 @@ def set_tensor(model, key, t, quantize=None):
         parent, child = modname.rsplit(".", 1)
         setattr(model.get_submodule(parent), child, Linear4bit.from_weight(t, compute_dtype=t.dtype))
         return
+    if quantize:
+        # a tensor read from safetensors may still live in the memory-mapped file, and one such tensor keeps the
+        # WHOLE file mapped (and resident): copy the few dense tensors of a quantized model out of it
+        t = t.clone()
     setattr(module, pname, nn.Parameter(t, requires_grad=t.is_floating_point()))
 
 

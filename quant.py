@@ -85,7 +85,7 @@ class QuantState:
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsandbytes accepts
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-CHUNK = 2**20  # weights handled at a time on the torch paths: a whole number of blocks for every blocksize
+CHUNK = 2**18  # weights handled at a time on the torch paths: a whole number of blocks for every blocksize
 
 
 def _absmax_quantize(x, table, blocksize):
@@ -164,14 +164,23 @@ def _absmax_fp32(state):
 def _dequantize_torch(packed, state, dtype):
     n, bs = state.shape.numel(), state.blocksize
     absmax = _absmax_fp32(state)                                           # (n_blocks,)
+    # Each of the 256 byte values stands for two weights (high nibble first). Stored as one 8-byte word per byte
+    # value, the pair is unpacked by a single gather: no shifts, no masks, no interleaving pass.
+    byte_values = torch.arange(256, device=packed.device)
+    pairs = torch.stack([state.code[byte_values >> 4], state.code[byte_values & 15]], dim=1)  # (256, 2) fp32
+    pairs = pairs.view(torch.int64).view(-1)                               # (256,) the same bytes, one word each
     flat = packed.view(-1)                                                 # ((n + 1) // 2,)
     out = torch.empty(n, dtype=dtype, device=packed.device)
     for start in range(0, n, CHUNK):
         stop = min(start + CHUNK, n)
         byte = flat[start // 2:(stop + 1) // 2]                            # (L / 2,)
-        nibbles = torch.stack([byte >> 4, byte & 15], dim=1).view(-1)[:stop - start]  # (L,) high nibble first
-        scale = absmax[start // bs:-(-stop // bs)].repeat_interleave(bs)[:stop - start]  # (L,)
-        out[start:stop] = (state.code[nibbles.long()] * scale).to(dtype)
+        w = pairs.index_select(0, byte.long()).view(torch.float32)        # (L,), one extra value if L is odd
+        full = (stop - start) // bs * bs                                   # values in whole blocks
+        # product in fp32, rounded once as it is stored into `out` (whatever its dtype)
+        torch.mul(w[:full].view(-1, bs), absmax[start // bs:(start + full) // bs, None],
+                  out=out[start:start + full].view(-1, bs))                # (full / bs, bs)
+        if full < stop - start:                                            # a last, partial block
+            out[start + full:stop] = w[full:stop - start] * absmax[(start + full) // bs]
     return out.view(state.shape)
 
 
