@@ -58,6 +58,15 @@ def set_threads(n):
         torch.set_num_threads(n)
 
 
+def machine_note():
+    """The state of the machine, for the header: other processes change every number a benchmark prints."""
+    cpus, load = os.cpu_count(), os.getloadavg()[0]
+    note = f"{cpus} CPUs, load average {load:.1f}, {torch.get_num_threads()} torch threads"
+    if load > 0.75 * cpus and torch.get_num_threads() > 1:
+        note += " (busy machine: --threads 1 gives steadier numbers)"
+    return note
+
+
 def check_checkpoint(path):
     if not os.path.exists(os.path.join(path, "config.json")):
         sys.exit(f"error: no checkpoint at {path}; run `python prepare.py` first (it converts the bundled model)")

@@ -23,7 +23,7 @@ import argparse
 
 import torch
 
-from common import Timer, median, pick_device, set_threads, summary
+from common import Timer, machine_note, median, pick_device, set_threads, summary
 
 
 def bnb_state(state, dtype):
@@ -76,10 +76,10 @@ def main(argv=None):
     n, moved = state.shape.numel(), bytes_moved(packed, state, dtype)
     copy_src = torch.empty(moved // 2, dtype=torch.uint8, device=device)           # read moved/2, write moved/2
 
+    # The copy makes a NEW tensor, as dequantization does: on CPU, fresh pages cost page faults, on both sides.
     systems = {"torch": lambda: dequantize_nf4(packed, state, dtype, backend="torch"),
                "bnb": lambda: bF.dequantize_4bit(packed, ref_state),
-               "copy": lambda: copy_src.clone()}  # a NEW tensor, as dequantization makes one (on CPU, fresh
-                                                     # pages cost page faults: both sides pay them)
+               "copy": lambda: copy_src.clone()}
     if device == "cuda":
         systems = {"triton": lambda: dequantize_nf4(packed, state, dtype, backend="triton"), **systems}
 
@@ -93,7 +93,7 @@ def main(argv=None):
                 agree = "NOT identical"
     print(f"dequant: {a.rows} x {a.cols} NF4 weight ({n / 1e6:.1f}M values), blocksize {a.blocksize}, double quant, "
           f"-> {dtype} on {device}; {iters} calls per timing, {a.reps} interleaved rounds, "
-          f"{torch.get_num_threads()} CPU threads; outputs {agree}")
+          f"outputs {agree}; {machine_note()}")
 
     seconds = {name: [] for name in systems}  # per call
     for fn in systems.values():
@@ -109,7 +109,8 @@ def main(argv=None):
     out_gbs = {name: out_bytes / s / 1e9 for name, s in t.items()}
     moved_gbs = {name: moved / s / 1e9 for name, s in t.items()}
     for name in systems:
-        print(f"  {name:7s} {t[name] * 1e3:8.3f} ms per call, {n / t[name] / 1e9:6.2f} G weights/s")
+        rate = f"{moved_gbs[name]:.2f} GB/s moved" if name == "copy" else f"{n / t[name] / 1e9:.3f} G weights/s"
+        print(f"  {name:7s} {t[name] * 1e3:8.3f} ms per call, {rate}")
 
     if device == "cuda":
         summary("dequant_triton_vs_copy", moved_gbs["triton"], moved_gbs["copy"], "GB/s moved")

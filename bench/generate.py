@@ -16,7 +16,8 @@ import argparse
 
 import torch
 
-from common import DEFAULT_CHECKPOINT, Timer, check_checkpoint, median, pick_device, set_threads, summary
+from common import (DEFAULT_CHECKPOINT, Timer, check_checkpoint, machine_note, median, pick_device, set_threads,
+                    summary)
 
 
 def load_ours(path, dtype, device, max_seq_len):
@@ -27,6 +28,7 @@ def load_ours(path, dtype, device, max_seq_len):
 def load_reference(path, dtype, device):
     import transformers
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     model = transformers.LlamaForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     gc = model.generation_config
     gc.eos_token_id = None                         # never stop early: both sides make exactly new_tokens tokens
@@ -46,7 +48,8 @@ def generate_reference(model, prompt, new_tokens):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="Hugging Face-layout folder (default: bundled)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -73,28 +76,28 @@ def main(argv=None):
     g = torch.Generator().manual_seed(a.seed)
     prompt = torch.randint(0, ours.args.vocab_size, (a.batch, a.prompt_tokens), generator=g).to(device)  # (B, P)
     print(f"generate: {a.checkpoint}, {device}, {dtype}, batch {a.batch}, prompt {a.prompt_tokens} tokens, "
-          f"{a.new_tokens} new tokens, {torch.get_num_threads()} CPU threads, {a.reps} interleaved reps")
+          f"{a.new_tokens} new tokens, {a.reps} interleaved reps; {machine_note()}")
 
     generate_ours(ours, prompt, a.new_tokens)             # warm-up: first calls pay for allocation and dispatch setup
     generate_reference(ref, prompt, a.new_tokens)
-    speed = {"ours": [], "reference": []}
+    speed, tokens = {"ours": [], "reference": []}, {}
     for rep in range(a.reps):
         for name, model, fn in (("ours", ours, generate_ours), ("reference", ref, generate_reference)):
             with Timer(device) as t:
-                tokens = fn(model, prompt, a.new_tokens)
+                tokens[name] = fn(model, prompt, a.new_tokens)                     # (B, new_tokens)
             speed[name].append(a.batch * a.new_tokens / t.seconds)
-            if name == "ours":
-                ours_tokens = tokens
         print(f"  rep {rep}: ours {speed['ours'][-1]:.1f} tok/s, reference {speed['reference'][-1]:.1f} tok/s")
 
-    if tokens.shape != ours_tokens.shape:
-        raise RuntimeError(f"reference made {tuple(tokens.shape)} tokens, ours {tuple(ours_tokens.shape)}")
-    same = (tokens == ours_tokens).all(dim=0)                                        # (new_tokens,)
+    if tokens["ours"].shape != tokens["reference"].shape:
+        raise RuntimeError(f"ours made {tuple(tokens['ours'].shape)} tokens, the reference "
+                           f"{tuple(tokens['reference'].shape)}")
+    same = (tokens["ours"] == tokens["reference"]).all(dim=0)                         # (new_tokens,)
     if bool(same.all()):
         print("greedy tokens: identical")
     else:
         first = int((~same).nonzero()[0])
-        print(f"greedy tokens: first difference at new token {first} of {a.new_tokens} (a near tie between logits)")
+        print(f"greedy tokens: first difference at new token {first} of {a.new_tokens} "
+              "(after a near tie between two logits, both continuations are valid greedy outputs)")
     summary("generate_tokens_per_s", median(speed["ours"]), median(speed["reference"]), "tok/s")
 
 

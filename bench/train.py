@@ -32,7 +32,7 @@ import sys
 
 import torch
 
-from common import (DEFAULT_CHECKPOINT, Timer, check_checkpoint, median, peak_rss_mib, pick_device,
+from common import (DEFAULT_CHECKPOINT, Timer, check_checkpoint, machine_note, median, peak_rss_mib, pick_device,
                     report_result, reset_peak_rss, rss_mib, run_worker, set_threads, summary)
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -204,12 +204,13 @@ def main(argv=None):
     if a.worker:
         return worker(a)
     check_checkpoint(a.checkpoint)
+    set_threads(a.threads)  # here only for the header's note; each worker sets its own
     device = pick_device(a.device)
     loss = "every next token" if a.loss == "full" else f"last {a.answer_tokens} tokens of each row"
     print(f"train: {a.checkpoint}, {device}, {'bf16' if device == 'cuda' else 'fp32'}, batch {a.batch} x "
           f"{a.seq_len} tokens, LoRA r={a.r} alpha={a.alpha:g} dropout={a.dropout:g} on {','.join(a.targets)}, "
           f"loss on {loss}, {a.warmup} warm-up + {a.steps} timed steps, {a.reps} interleaved rounds"
-          f"{', gradient checkpointing' if a.grad_ckpt else ''}, threads {a.threads or 'default'}", flush=True)
+          f"{', gradient checkpointing' if a.grad_ckpt else ''}; {machine_note()}", flush=True)
     for mode in a.modes:
         runs = {"ours": [], "reference": []}
         for rep in range(a.reps):
