@@ -54,3 +54,12 @@ def configure(defaults, argv=None):
             _check_key(key, defaults, "the command line")
             cfg[key] = _parse(value, defaults[key])
     return cfg
+
+
+def torch_dtype(name):
+    """A dtype setting ("bfloat16") -> the torch dtype, with the valid names in the error for anything else."""
+    import torch
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise SystemExit(f"error: dtype must be one of {', '.join(dtypes)}, got {name!r}")
+    return dtypes[name]

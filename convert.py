@@ -219,6 +219,8 @@ def expected_shape(key, args):
 # ----------------------------------------------------------------------------------------------------------------
 
 def load_checkpoint(cls, path, dtype=torch.float32, device="cpu", max_seq_len=None, quantize=None):
+    if quantize not in (None, "nf4"):
+        raise ValueError(f"quantize must be 'nf4' (4-bit NF4, QLoRA) or None / 'none', got {quantize!r}")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint folder {path!r} does not exist (run `python prepare.py` for the "
                                 f"bundled model, or `python prepare.py <hub repo id>`)")

@@ -31,7 +31,7 @@ dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 # -------------------------------------------------------------------------------------------------------------------
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 
-from configurator import configure  # noqa: E402
+from configurator import configure, torch_dtype  # noqa: E402
 from model import Llama  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -66,7 +66,7 @@ def main(argv=None):
     base = base or BUNDLED
     if not os.path.isdir(base):
         sys.exit(f"error: checkpoint folder {base!r} not found. Create it with: python prepare.py [<hub repo id>]")
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["dtype"]]
+    ptdtype = torch_dtype(cfg["dtype"])
     try:
         model = Llama.from_pretrained(base, dtype=ptdtype, device=cfg["device"],
                                       quantize=None if cfg["quantize"] == "none" else cfg["quantize"])

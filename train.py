@@ -66,7 +66,7 @@ seed = 1337
 # -------------------------------------------------------------------------------------------------------------------
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))}
 
-from configurator import configure  # noqa: E402
+from configurator import configure, torch_dtype  # noqa: E402
 import data  # noqa: E402
 from evaluate import answer_from_generation, score  # noqa: E402
 from lora import apply_lora, save_adapter, trainable_report  # noqa: E402
@@ -229,7 +229,7 @@ def main(argv=None):
     if not os.path.isdir(base):
         hint = f"python prepare.py {cfg['hub_id']}" if cfg["hub_id"] else "python prepare.py [<hub repo id>]"
         fail(f"base model folder {base!r} not found. Get it with: {hint}")
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg["dtype"]]
+    ptdtype = torch_dtype(cfg["dtype"])
     try:
         model = Llama.from_pretrained(base, dtype=ptdtype, device=device, max_seq_len=cfg["max_seq_len"] + 64 + cfg["max_new_tokens"],
                                       quantize=None if cfg["quantize"] == "none" else cfg["quantize"])

@@ -73,6 +73,16 @@ def test_unknown_key_in_config_file(tmp_path):
     assert "unknown config key 'lora_rank'" in str(e.value) and "lora_r" in str(e.value)
 
 
+def test_bad_dtype_and_quantize_values_are_clear_errors(tiny_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as e:
+        run(tmp_path, "bf16", "--dtype=bf16", base=tiny_dir)
+    assert "dtype must be one of float32, bfloat16, float16, got 'bf16'" in str(e.value)
+    with pytest.raises(SystemExit):
+        run(tmp_path, "int8", "--quantize=int8", base=tiny_dir)
+    assert "quantize must be 'nf4'" in capsys.readouterr().err and not os.path.exists(tmp_path / "int8")
+
+
 def test_missing_weights_say_how_to_get_them(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit):
