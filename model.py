@@ -115,6 +115,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
         self.cache_k = self.cache_v = None  # set by Llama.setup_cache for generation
+        self.cache_pad = None               # (B,) padding tokens at the start of each cached row, if any
 
     def forward(self, x, cos, sin, start_pos=None):
         B, T, _ = x.shape
@@ -136,6 +137,15 @@ class Attention(nn.Module):
                 causal = False
             elif T == 1:
                 causal = False  # one new token sees the whole cache
+            if self.cache_pad is not None:
+                # Prompts of different lengths, left-padded to end together: no query may read a padding key.
+                # A padding position still reads itself, so that no softmax row is empty (that would be NaN).
+                # Rotary angles only depend on the distance between query and key, so shifting a row's real
+                # tokens right by its padding changes nothing.
+                q_pos = torch.arange(start_pos, end, device=x.device)[:, None]           # (T, 1)
+                k_pos = torch.arange(end, device=x.device)[None, :]                      # (1, end)
+                real = k_pos >= self.cache_pad[:B, None, None, None]                     # (B, 1, 1, end)
+                mask, causal = (k_pos <= q_pos) & (real | (k_pos == q_pos)), False       # (B, 1, T, end)
         # enable_gqa lets each group of n_heads / n_kv_heads query heads read the same key/value head,
         # without materialising repeated copies of k and v.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
@@ -197,14 +207,9 @@ class Llama(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, start_pos=None):
-        """
-        idx: (B, T) token ids. targets: (B, T) next-token ids with -100 where there is no loss (prompt, padding).
-        Without targets: returns (logits (B, T, vocab), None).
-        With targets: the output head runs only at the positions that carry loss, because on a QA prompt most
-        positions are context; returns (logits (N, vocab) of those N positions, mean cross-entropy over them).
-        start_pos: generation only; the position of idx[:, 0] in the KV cache (see setup_cache).
-        """
+    def hidden(self, idx, start_pos=None):
+        """idx: (B, T) token ids -> the final normalised hidden states (B, T, dim), before the output head.
+        start_pos: generation only; the position of idx[:, 0] in the KV cache (see setup_cache)."""
         B, T = idx.shape
         p0 = start_pos or 0
         if p0 + T > self.args.max_seq_len:
@@ -216,7 +221,17 @@ class Llama(nn.Module):
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, start_pos)
-        x = self.model.norm(x)                                             # (B, T, dim)
+        return self.model.norm(x)                                          # (B, T, dim)
+
+    def forward(self, idx, targets=None, start_pos=None):
+        """
+        idx: (B, T) token ids. targets: (B, T) next-token ids with -100 where there is no loss (prompt, padding).
+        Without targets: returns (logits (B, T, vocab), None).
+        With targets: the output head runs only at the positions that carry loss, because on a QA prompt most
+        positions are context; returns (logits (N, vocab) of those N positions, mean cross-entropy over them).
+        start_pos: generation only; the position of idx[:, 0] in the KV cache (see setup_cache).
+        """
+        x = self.hidden(idx, start_pos)                                    # (B, T, dim)
         if targets is None:
             return self.lm_head(x), None
         keep = targets != -100                                             # (B, T) bool
@@ -226,8 +241,9 @@ class Llama(nn.Module):
 
     # --- generation ----------------------------------------------------------------------------------------------
 
-    def setup_cache(self, batch_size, max_len=None, dtype=None, device=None):
-        """Preallocate each layer's key/value cache once, so generation never reallocates or concatenates."""
+    def setup_cache(self, batch_size, max_len=None, dtype=None, device=None, n_pad=None):
+        """Preallocate each layer's key/value cache once, so generation never reallocates or concatenates.
+        n_pad: (batch_size,) padding tokens at the start of each row (see left_pad), hidden from attention."""
         max_len = max_len or self.args.max_seq_len
         ref = self.model.embed_tokens.weight
         shape = (batch_size, self.args.n_kv_heads, max_len, self.args.head_dim)
@@ -235,33 +251,37 @@ class Llama(nn.Module):
             a = layer.self_attn
             a.cache_k = torch.zeros(shape, dtype=dtype or ref.dtype, device=device or ref.device)
             a.cache_v = torch.zeros(shape, dtype=dtype or ref.dtype, device=device or ref.device)
+            a.cache_pad = None if n_pad is None else n_pad.to(device or ref.device)
 
     def clear_cache(self):
         for layer in self.model.layers:
-            layer.self_attn.cache_k = layer.self_attn.cache_v = None
+            layer.self_attn.cache_k = layer.self_attn.cache_v = layer.self_attn.cache_pad = None
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, n_pad=None):
         """
         Yields one (B, 1) tensor of new tokens per step. idx: (B, T) prompt. temperature 0 means greedy.
         The prompt goes through the model once (prefill); after that each step feeds only the newest token,
-        and attention reads the earlier keys/values from the cache.
+        and attention reads the earlier keys/values from the cache. Several prompts of different lengths
+        go together as left_pad(prompts) -> (idx, n_pad): one pass over the weights serves every row.
         """
         B, T = idx.shape
         total = min(T + max_new_tokens, self.args.max_seq_len)
-        self.setup_cache(B, total)
+        self.setup_cache(B, total, n_pad=n_pad)
         try:
-            logits, _ = self(idx, start_pos=0)                                  # prefill: (B, T, vocab)
+            # Only the last position's logits choose the next token: the head (vocab x dim, the largest
+            # matrix of a small model) runs on one position per row, not on the whole prompt.
+            logits = self.lm_head(self.hidden(idx, start_pos=0)[:, -1])        # prefill: (B, vocab)
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
             for pos in range(T, total):
-                nxt = sample_next(logits[:, -1, :], temperature, top_k, top_p)  # (B, 1)
+                nxt = sample_next(logits, temperature, top_k, top_p)            # (B, 1)
                 yield nxt
                 if eos_id is not None:
                     done |= nxt.squeeze(1) == eos_id
                     if bool(done.all()):
                         break
                 if pos + 1 < total:
-                    logits, _ = self(nxt, start_pos=pos)                        # (B, 1, vocab)
+                    logits = self.lm_head(self.hidden(nxt, start_pos=pos)[:, -1])  # (B, vocab)
         finally:
             self.clear_cache()
 
@@ -280,6 +300,16 @@ class Llama(nn.Module):
     def save_pretrained(self, out_dir):
         from convert import save_hf
         save_hf(self, out_dir)
+
+
+def left_pad(prompts, pad_id):
+    """Token-id lists of different lengths -> idx (B, T) with each prompt at the right end, and n_pad (B,)."""
+    T = max(len(p) for p in prompts)
+    idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    for b, p in enumerate(prompts):
+        idx[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
+    n_pad = torch.tensor([T - len(p) for p in prompts])
+    return idx, n_pad
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from convert import half_to_interleaved
-from model import Llama, ModelArgs
+from model import Llama, ModelArgs, left_pad
 
 transformers = pytest.importorskip("transformers")
 
@@ -143,6 +143,28 @@ def test_generate_greedy_matches_argmax_loop():
         for _ in range(12):  # the slow way: full forward each step
             seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(got, seq[:, 5:])
+
+
+def test_left_padded_batch_decodes_like_each_prompt_alone():
+    """Prompts of different lengths in one batch (left padding hidden from attention) give each row's own logits."""
+    torch.manual_seed(0)
+    model = Llama(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, hidden_dim=64,
+                            max_seq_len=64)).eval()
+    prompts = [tokens(50, B=1, T=n)[0].tolist() for n in (3, 9, 6)]
+    idx, n_pad = left_pad(prompts, pad_id=0)
+    assert idx.shape == (3, 9) and n_pad.tolist() == [6, 0, 3] and idx[0, 6:].tolist() == prompts[0]
+    new = tokens(50, B=3, T=4)                                # the same continuation tokens fed to every row
+    with torch.no_grad():
+        model.setup_cache(3, 13, n_pad=n_pad)
+        batched = [model(idx, start_pos=0)[0][:, -1]] + [model(new[:, t:t + 1], start_pos=9 + t)[0][:, -1]
+                                                         for t in range(4)]
+        model.clear_cache()
+        for b, p in enumerate(prompts):                       # each prompt alone, no padding
+            alone = model(torch.cat([torch.tensor([p]), new[b:b + 1]], dim=1))[0][0, len(p) - 1:]  # (5, vocab)
+            torch.testing.assert_close(torch.stack([s[b] for s in batched]), alone, atol=1e-5, rtol=0)
+        got = torch.cat(list(model.generate(idx, 8, temperature=0, n_pad=n_pad)), dim=1)       # (3, 8)
+    for b, p in enumerate(prompts):
+        assert torch.equal(got[b], torch.cat(list(model.generate(torch.tensor([p]), 8, temperature=0)), dim=1)[0])
 
 
 def test_loss_only_on_target_positions_equals_full_cross_entropy():
