@@ -54,6 +54,7 @@ epochs = 1
 # evaluation and logging
 eval_interval = 50           # validation loss (and a checkpoint) every this many steps
 eval_generate = 32           # validation questions answered by generation for EM/F1 before and after (0: none)
+eval_batch_size = 0          # questions generated at once; 0 -> batch_size (inference needs far less memory per row)
 max_new_tokens = 32
 wandb_log = False
 wandb_project = "lora-course"
@@ -69,8 +70,8 @@ settings = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 from configurator import configure, torch_dtype  # noqa: E402
 import data  # noqa: E402
 from evaluate import answer_from_generation, score  # noqa: E402
-from lora import apply_lora, save_adapter, trainable_report  # noqa: E402
-from model import Llama  # noqa: E402
+from lora import apply_lora, lora_layers, save_adapter, trainable_report  # noqa: E402
+from model import Llama, left_pad  # noqa: E402
 from optim import PagedAdamW  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -101,6 +102,9 @@ def memory_estimate(model, n_trainable, cfg, act_bytes):
       activations  per layer about 34 * T * B * dim bytes (16-bit values) are kept for backward (attention scores are not stored:
                    SDPA recomputes them); gradient checkpointing keeps only each layer's input, 2 * T * B * dim,
                    plus one layer's full set while it is recomputed.
+      dropout      with lora_dropout > 0, every LoRA layer keeps its own dropped copy of its input (fp32, like A and B)
+                   and the dropout mask (1 byte on a GPU; a 4-byte float on a CPU): T * B * (sum of the LoRA layers'
+                   input widths) * (4 + mask) bytes; one layer's share with checkpointing.
     """
     a = model.args
     # Each storage once (a tied head is the embedding), trainable tensors excluded (they are the "lora" line).
@@ -111,8 +115,12 @@ def memory_estimate(model, n_trainable, cfg, act_bytes):
     per_layer = 34 * tokens * a.dim * act_bytes / 2  # the 34 counts 16-bit values: halve for bytes per value
     acts = (a.n_layers * 2 * tokens * a.dim * act_bytes / 2 + per_layer) if cfg["gradient_checkpointing"] \
         else a.n_layers * per_layer
+    lora_in = sum(m.lora_A.in_features for _, m in lora_layers(model))  # all layers' LoRA input widths, summed
+    mask = 1 if str(cfg["device"]).startswith("cuda") else 4
+    dropout = tokens * lora_in * (4 + mask) if cfg["lora_dropout"] > 0 else 0
     est = {"weights": weights, "lora": 4 * n_trainable, "gradients": 4 * n_trainable,
-           "optimizer": 0 if cfg["optimizer"] == "paged_adamw" else 8 * n_trainable, "activations": acts}
+           "optimizer": 0 if cfg["optimizer"] == "paged_adamw" else 8 * n_trainable, "activations": acts,
+           "dropout": dropout / a.n_layers if cfg["gradient_checkpointing"] else dropout}
     est["total"] = sum(est.values())
     return est
 
@@ -144,22 +152,32 @@ def val_loss(model, examples, cfg, pad_id, ctx):
 
 @torch.no_grad()
 def answer_questions(model, tok, rows, cfg, ctx):
-    """Greedy answers to validation questions, scored SQuAD-style (evaluate.py)."""
+    """Greedy answers to validation questions, scored SQuAD-style (evaluate.py).
+
+    Questions go eval_batch_size at a time: generating one token reads every weight once whatever the batch, so a
+    batch of prompts (left-padded to end together, model.py: left_pad) costs little more than one. Sorting by
+    length first keeps the padding short."""
     model.eval()
-    preds, golds = [], []
-    for row in rows:
-        ids = tok.encode_chat(data.qa_messages(row["context"], row["question"]))
-        ids = ids[-(model.args.max_seq_len - cfg["max_new_tokens"]):]
-        out = []
+    prompts = [tok.encode_chat(data.qa_messages(r["context"], r["question"]))[-(model.args.max_seq_len - cfg["max_new_tokens"]):]
+               for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
+    answers, size = {}, cfg["eval_batch_size"] or cfg["batch_size"]
+    for b in range(0, len(order), size):
+        chunk = order[b:b + size]
+        idx, n_pad = left_pad([prompts[i] for i in chunk], pad_id=tok.eos_id or 0)
+        outs, done = [[] for _ in chunk], [False] * len(chunk)
         with ctx:
-            for nxt in model.generate(torch.tensor([ids], device=cfg["device"]), cfg["max_new_tokens"], temperature=0):
-                if nxt.item() in tok.stop_ids:
+            for nxt in model.generate(idx.to(cfg["device"]), cfg["max_new_tokens"], temperature=0, n_pad=n_pad):
+                for j, t in enumerate(nxt[:, 0].tolist()):  # each row stops at its own end-of-turn token
+                    done[j] = done[j] or t in tok.stop_ids
+                    if not done[j]:
+                        outs[j].append(t)
+                if all(done):
                     break
-                out.append(nxt.item())
-        preds.append(answer_from_generation(tok.decode(out)))
-        golds.append(row["answers"])
+        answers.update({i: tok.decode(o) for i, o in zip(chunk, outs)})
+    preds = [answer_from_generation(answers[i]) for i in range(len(rows))]
     model.train()
-    return score(preds, golds), preds
+    return score(preds, [r["answers"] for r in rows]), preds
 
 
 def save_checkpoint(out_dir, model, opt, cfg, base, pos, history):
@@ -208,7 +226,7 @@ def main(argv=None):
             fail(f"init_from=resume but {path} does not exist (no run to continue in out_dir={cfg['out_dir']!r})")
         state = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by save_checkpoint
         overrides = {k: v for k, v in cfg.items() if v != settings[k] and k != "init_from"}
-        cfg = dict(state["config"], **overrides)  # the run's settings, plus what this command changes
+        cfg = {**settings, **state["config"], **overrides}  # the run's settings, plus what this command changes
     base = cfg["init_from"]
 
     # -- distributed: under torchrun every process trains on its own slice of each global batch ------------------

@@ -133,3 +133,18 @@ def test_real_steps_on_bundled_model_lower_the_loss(bundled_dir, tmp_path, monke
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["peak_memory_bytes"] > 0
     assert os.path.exists(os.path.join(out, "loss.png"))
+
+
+def test_batched_answers_equal_one_at_a_time(bundled_dir):
+    """The EM/F1 eval generates eval_batch_size questions at once (left-padded): same answers as one by one."""
+    import data
+    from contextlib import nullcontext
+    from model import Llama
+    from tokenizer import Tokenizer
+    model, tok = Llama.from_pretrained(bundled_dir, max_seq_len=512), Tokenizer(bundled_dir)
+    rows, _ = data.load_qa_rows(os.path.join(ROOT, "data", "persian_qa_sample.jsonl"))
+    rows = rows[:5]
+    cfg = dict(train.settings, device="cpu", max_new_tokens=12, batch_size=4)
+    one = train.answer_questions(model, tok, rows, dict(cfg, eval_batch_size=1), nullcontext())
+    together = train.answer_questions(model, tok, rows, dict(cfg, eval_batch_size=5), nullcontext())
+    assert together == one and len(one[1]) == 5 and any(one[1])  # scores and every predicted answer
