@@ -23,7 +23,7 @@ import argparse
 
 import torch
 
-from common import Timer, machine_note, median, pick_device, set_threads, summary
+from common import Timer, add_common_args, machine_note, median, pick_device, set_threads, summary
 
 
 def bnb_state(state, dtype):
@@ -48,14 +48,9 @@ def main(argv=None):
     p.add_argument("--rows", type=int, default=4096)
     p.add_argument("--cols", type=int, default=4096)
     p.add_argument("--blocksize", type=int, default=64)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="output dtype; auto: float32 on CPU (the CPU compute dtype), bfloat16 on CUDA")
+    add_common_args(p, "output dtype; auto: float32 on CPU (the CPU compute dtype), bfloat16 on CUDA")
     p.add_argument("--reps", type=int, default=5, help="timed rounds, each system once per round, interleaved")
     p.add_argument("--iters", type=int, default=0, help="calls per timing (0: 3 on CPU, 50 on CUDA)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="tiny run: checks that everything works, times nothing useful")
     a = p.parse_args(argv)
     if a.smoke:
         a.rows, a.cols, a.reps, a.iters = 256, 256, 1, 1

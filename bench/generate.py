@@ -16,8 +16,8 @@ import argparse
 
 import torch
 
-from common import (DEFAULT_CHECKPOINT, Timer, check_checkpoint, machine_note, median, pick_device, set_threads,
-                    summary)
+from common import (DEFAULT_CHECKPOINT, Timer, add_common_args, check_checkpoint, machine_note, median, pick_device,
+                    set_threads, summary)
 
 
 def load_ours(path, dtype, device, max_seq_len):
@@ -51,16 +51,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="Hugging Face-layout folder (default: bundled)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: float32 on CPU, bfloat16 on CUDA")
+    add_common_args(p, "auto: float32 on CPU, bfloat16 on CUDA")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=3, help="timed runs per system, interleaved")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="tiny run: checks that everything works, times nothing useful")
     a = p.parse_args(argv)
     if a.smoke:
         a.prompt_tokens, a.new_tokens, a.reps = 8, 4, 1

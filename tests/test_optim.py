@@ -41,6 +41,17 @@ def saved(opt):
     return torch.load(f, weights_only=True)
 
 
+def assert_steps_equal(params, opt, resumed, resumed_opt, steps):
+    """The original and the resumed optimizer take the same steps: parameters stay bit-identical."""
+    for step in steps:
+        set_grads(params, step)
+        set_grads(resumed, step)
+        opt.step()
+        resumed_opt.step()
+        for p, r in zip(params, resumed):
+            assert torch.equal(p, r)
+
+
 def test_matches_torch_adamw_over_50_steps():
     ours, ref = make_params(), make_params()
     frozen_ours, frozen_ref = torch.nn.Parameter(torch.ones(4)), torch.nn.Parameter(torch.ones(4))
@@ -73,13 +84,7 @@ def test_state_dict_round_trip_continues_exactly():
     resumed_opt = PagedAdamW(groups(resumed, torch.nn.Parameter(torch.ones(4))), lr=0.5, weight_decay=0.5)
     resumed_opt.load_state_dict(saved(opt))
     assert [g["lr"] for g in resumed_opt.param_groups] == [1e-2, 3e-3]  # hyperparameters come back too
-    for step in range(10, 30):
-        set_grads(params, step)
-        set_grads(resumed, step)
-        opt.step()
-        resumed_opt.step()
-        for p, r in zip(params, resumed):
-            assert torch.equal(p, r)
+    assert_steps_equal(params, opt, resumed, resumed_opt, range(10, 30))
 
 
 @pytest.mark.parametrize("direction", ["torch_to_paged", "paged_to_torch"])
@@ -252,10 +257,4 @@ def test_gpu_paging_matches_adamw_and_bounds_memory():
     resumed_opt = PagedAdamW(resumed, page_size=page_size)
     resumed_opt.load_state_dict(saved(opt))
     assert all(resumed_opt.state[p]["exp_avg"].is_pinned() for p in resumed)
-    for step in range(5, 8):
-        set_grads(ours, step)
-        set_grads(resumed, step)
-        opt.step()
-        resumed_opt.step()
-        for p, r in zip(ours, resumed):
-            assert torch.equal(p, r)
+    assert_steps_equal(ours, opt, resumed, resumed_opt, range(5, 8))
