@@ -98,15 +98,15 @@ class Tokenizer:
 
     def render_chat(self, messages, add_generation_prompt=True):
         """messages: [{"role": "system"|"user"|"assistant", "content": str}] -> the prompt text the model expects."""
-        if self._template is None:
+        if self._template is None or self._template[0] != self.chat_template:  # first use, or a new template set
             from jinja2.sandbox import ImmutableSandboxedEnvironment  # a template is data: it must not run code
 
             def raise_exception(msg):
                 raise ValueError(f"chat template: {msg}")
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = raise_exception
-            self._template = env.from_string(self.chat_template)  # compiled once, rendered for every row
-        return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+            self._template = (self.chat_template, env.from_string(self.chat_template))  # compiled once per text
+        return self._template[1].render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
     def encode_chat(self, messages, add_generation_prompt=True):

@@ -57,6 +57,8 @@ def test_chat_prompt_equals_transformers_template(bundled_dir, hf_tokenizer):
     assert ours == hf_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert ours.endswith("<|im_start|>assistant\n")
     assert tok.eos_id == 2 and tok.decode([tok.eos_id]) == "<|im_end|>"
+    tok.chat_template = "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"  # a user's own template
+    assert tok.render_chat(msgs) == "[user] Hi there\n"                       # used from the next render on
 
 
 def test_greedy_continuation_equals_transformers(bundled_dir, bundled_gguf):
