@@ -1,5 +1,6 @@
 """
-Evaluation: how extractive question answering is scored, SQuAD v2 style, with Persian normalisation.
+Evaluation: how extractive question answering is scored, SQuAD v2 style, with Persian normalisation; and, at the
+end, the two measurements train.py takes of a model: validation loss and generated answers.
 
 Two numbers per question, both after normalising prediction and gold answers the same way:
   exact match (EM)  1 if the prediction equals a gold answer, else 0
@@ -20,7 +21,10 @@ import string
 import unicodedata
 from collections import Counter
 
-from data import NO_ANSWER
+import torch
+
+import data
+from model import left_pad
 
 # One form per letter. Arabic ye/alef maksura and kaf become the Persian letters; teh marbuta and
 # heh-with-hamza become plain heh (the hamza of the Persian ezafe, «خانهٔ», is optional in writing).
@@ -40,7 +44,7 @@ _MARKS = {chr(c) for c in range(0x064B, 0x0660)} | {"\u0670", "\u0640"}
 
 # Short paraphrases of NO_ANSWER a model might write instead of the exact phrase ("there is no answer in
 # the text", "the answer does not exist in the text", ...). Compared after normalisation.
-_NO_ANSWER_PHRASES = (NO_ANSWER, "پاسخی در متن نیست", "جواب در متن نیست", "پاسخ در متن وجود ندارد",
+_NO_ANSWER_PHRASES = (data.NO_ANSWER, "پاسخی در متن نیست", "جواب در متن نیست", "پاسخ در متن وجود ندارد",
                       "پاسخی در متن وجود ندارد", "جوابی در متن نیست")
 
 
@@ -131,3 +135,51 @@ def score(predictions, golds):
         "has_answer_f1": percent([s for s, has in zip(f1, has_answer) if has]),
         "no_answer_accuracy": percent([s for s, has in zip(em, has_answer) if not has]),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scoring a model during training (train.py): the loss on held-out answers, and answers it writes itself.
+
+@torch.no_grad()
+def val_loss(model, examples, cfg, pad_id, ctx):
+    """Mean loss per answer token over the whole validation set."""
+    model.eval()
+    total, count = 0.0, 0
+    for b in range(0, len(examples), cfg["batch_size"]):
+        idx, targets = data.collate(examples, list(range(b, min(b + cfg["batch_size"], len(examples)))), pad_id)
+        n = int((targets != -100).sum())
+        with ctx:
+            _, loss = model(idx.to(cfg["device"]), targets.to(cfg["device"]))
+        total, count = total + loss.item() * n, count + n
+    model.train()
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def answer_questions(model, tok, rows, cfg, ctx):
+    """Greedy answers to validation questions, scored SQuAD-style (evaluate.py).
+
+    Questions go eval_batch_size at a time: generating one token reads every weight once whatever the batch, so a
+    batch of prompts (left-padded to end together, model.py: left_pad) costs little more than one. Sorting by
+    length first keeps the padding short."""
+    model.eval()
+    prompts = [tok.encode_chat(data.qa_messages(r["context"], r["question"]))[-(model.args.max_seq_len - cfg["max_new_tokens"]):]
+               for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
+    answers, size = {}, cfg["eval_batch_size"] or cfg["batch_size"]
+    for b in range(0, len(order), size):
+        chunk = order[b:b + size]
+        idx, n_pad = left_pad([prompts[i] for i in chunk], pad_id=tok.eos_id or 0)
+        outs, done = [[] for _ in chunk], [False] * len(chunk)
+        with ctx:
+            for nxt in model.generate(idx.to(cfg["device"]), cfg["max_new_tokens"], temperature=0, n_pad=n_pad):
+                for j, t in enumerate(nxt[:, 0].tolist()):  # each row stops at its own end-of-turn token
+                    done[j] = done[j] or t in tok.stop_ids
+                    if not done[j]:
+                        outs[j].append(t)
+                if all(done):
+                    break
+        answers.update({i: tok.decode(o) for i, o in zip(chunk, outs)})
+    preds = [answer_from_generation(answers[i]) for i in range(len(rows))]
+    model.train()
+    return score(preds, [r["answers"] for r in rows]), preds

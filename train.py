@@ -69,9 +69,9 @@ settings = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 
 from configurator import configure, torch_dtype  # noqa: E402
 import data  # noqa: E402
-from evaluate import answer_from_generation, score  # noqa: E402
+from evaluate import answer_questions, val_loss  # noqa: E402
 from lora import apply_lora, lora_layers, save_adapter, trainable_report  # noqa: E402
-from model import Llama, left_pad  # noqa: E402
+from model import Llama  # noqa: E402
 from optim import PagedAdamW  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -133,51 +133,6 @@ def peak_memory(device):
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-@torch.no_grad()
-def val_loss(model, examples, cfg, pad_id, ctx):
-    """Mean loss per answer token over the whole validation set."""
-    model.eval()
-    total, count = 0.0, 0
-    for b in range(0, len(examples), cfg["batch_size"]):
-        idx, targets = data.collate(examples, list(range(b, min(b + cfg["batch_size"], len(examples)))), pad_id)
-        n = int((targets != -100).sum())
-        with ctx:
-            _, loss = model(idx.to(cfg["device"]), targets.to(cfg["device"]))
-        total, count = total + loss.item() * n, count + n
-    model.train()
-    return total / max(count, 1)
-
-
-@torch.no_grad()
-def answer_questions(model, tok, rows, cfg, ctx):
-    """Greedy answers to validation questions, scored SQuAD-style (evaluate.py).
-
-    Questions go eval_batch_size at a time: generating one token reads every weight once whatever the batch, so a
-    batch of prompts (left-padded to end together, model.py: left_pad) costs little more than one. Sorting by
-    length first keeps the padding short."""
-    model.eval()
-    prompts = [tok.encode_chat(data.qa_messages(r["context"], r["question"]))[-(model.args.max_seq_len - cfg["max_new_tokens"]):]
-               for r in rows]
-    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
-    answers, size = {}, cfg["eval_batch_size"] or cfg["batch_size"]
-    for b in range(0, len(order), size):
-        chunk = order[b:b + size]
-        idx, n_pad = left_pad([prompts[i] for i in chunk], pad_id=tok.eos_id or 0)
-        outs, done = [[] for _ in chunk], [False] * len(chunk)
-        with ctx:
-            for nxt in model.generate(idx.to(cfg["device"]), cfg["max_new_tokens"], temperature=0, n_pad=n_pad):
-                for j, t in enumerate(nxt[:, 0].tolist()):  # each row stops at its own end-of-turn token
-                    done[j] = done[j] or t in tok.stop_ids
-                    if not done[j]:
-                        outs[j].append(t)
-                if all(done):
-                    break
-        answers.update({i: tok.decode(o) for i, o in zip(chunk, outs)})
-    preds = [answer_from_generation(answers[i]) for i in range(len(rows))]
-    model.train()
-    return score(preds, [r["answers"] for r in rows]), preds
 
 
 def save_checkpoint(out_dir, model, opt, cfg, base, pos, history):

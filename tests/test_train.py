@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import configurator
+import evaluate
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -145,6 +146,6 @@ def test_batched_answers_equal_one_at_a_time(bundled_dir):
     rows, _ = data.load_qa_rows(os.path.join(ROOT, "data", "persian_qa_sample.jsonl"))
     rows = rows[:5]
     cfg = dict(train.settings, device="cpu", max_new_tokens=12, batch_size=4)
-    one = train.answer_questions(model, tok, rows, dict(cfg, eval_batch_size=1), nullcontext())
-    together = train.answer_questions(model, tok, rows, dict(cfg, eval_batch_size=5), nullcontext())
+    one = evaluate.answer_questions(model, tok, rows, dict(cfg, eval_batch_size=1), nullcontext())
+    together = evaluate.answer_questions(model, tok, rows, dict(cfg, eval_batch_size=5), nullcontext())
     assert together == one and len(one[1]) == 5 and any(one[1])  # scores and every predicted answer
