@@ -157,7 +157,7 @@ def val_loss(model, examples, cfg, pad_id, ctx):
 
 @torch.no_grad()
 def answer_questions(model, tok, rows, cfg, ctx):
-    """Greedy answers to validation questions, scored SQuAD-style (evaluate.py).
+    """Greedy answers to validation questions, scored with score() above.
 
     Questions go eval_batch_size at a time: generating one token reads every weight once whatever the batch, so a
     batch of prompts (left-padded to end together, model.py: left_pad) costs little more than one. Sorting by
@@ -169,7 +169,7 @@ def answer_questions(model, tok, rows, cfg, ctx):
     answers, size = {}, cfg["eval_batch_size"] or cfg["batch_size"]
     for b in range(0, len(order), size):
         chunk = order[b:b + size]
-        idx, n_pad = left_pad([prompts[i] for i in chunk], pad_id=tok.eos_id or 0)
+        idx, n_pad = left_pad([prompts[i] for i in chunk], pad_id=0)  # any id: padding keys are masked
         outs, done = [[] for _ in chunk], [False] * len(chunk)
         with ctx:
             for nxt in model.generate(idx.to(cfg["device"]), cfg["max_new_tokens"], temperature=0, n_pad=n_pad):

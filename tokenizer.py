@@ -107,7 +107,7 @@ class Tokenizer:
             env.globals["raise_exception"] = raise_exception
             self._template = (self.chat_template, env.from_string(self.chat_template))  # compiled once per text
         return self._template[1].render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+                                        bos_token=self.bos_token or "", eos_token=self.eos_token or "")
 
     def encode_chat(self, messages, add_generation_prompt=True):
         # The template writes BOS itself where the model wants it, so no extra BOS is added here.
