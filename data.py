@@ -195,38 +195,109 @@ def completion_text(tok, messages, answer):
     return full[len(prompt):]
 
 
-def encode_example(tok, row, max_len):
+# A window shorter than this is no longer a reading exercise: rows that cannot give their passage at least this
+# many tokens (or the whole answer span, if that is longer) are dropped rather than trained on.
+MIN_PASSAGE_TOKENS = 32
+
+
+def passage_window(context, n_chars, rng, span=None):
     """
-    One row -> (prompt ids, answer ids), together at most max_len + 1 tokens (inputs and targets are the same
-    sequence shifted by one). A long context is cut from its end, never the question or the answer: the answer
-    is what the model learns from. Returns None when even an empty context would not fit.
+    A piece of `context` at most n_chars long, cut at spaces. With span=(start, end) the piece contains
+    context[start:end] whole; None if it cannot. The piece is placed at random (rng) among the positions
+    that keep the span: a window always centred on the answer would teach the model that answers sit in the
+    middle of what it reads, and at evaluation they sit anywhere.
     """
-    answer = row["answers"][0] if row["answers"] else NO_ANSWER
-    context = row["context"]
-    answer_ids = tok.encode(completion_text(tok, qa_messages(context, row["question"]), answer))
-    for _ in range(4):  # re-tokenising a cut text can shift a token or two; a few rounds always settle it
-        prompt_ids = tok.encode_chat(qa_messages(context, row["question"]))
-        over = len(prompt_ids) + len(answer_ids) - (max_len + 1)
-        if over <= 0:
-            return prompt_ids, answer_ids
-        ctx_ids = tok.encode(context)
-        if over >= len(ctx_ids):
+    if n_chars >= len(context):
+        return context
+    a, b = span if span else (None, None)
+    lo, hi = 0, len(context) - n_chars             # where the window may start
+    if span:
+        lo, hi = max(lo, b - n_chars), min(hi, a)  # ... and still hold [a, b)
+        if lo > hi:
             return None
-        context = tok.decode(ctx_ids[:len(ctx_ids) - over])
-    return None
+    s = rng.randint(lo, hi)
+    e = s + n_chars
+    # move both cuts inward to the nearest space, never into the span: no half words at the edges
+    if s > 0 and not context[s - 1].isspace():
+        nxt = context.find(" ", s)
+        if nxt != -1 and nxt < (a if span else e):
+            s = nxt + 1
+    if e < len(context) and not context[e].isspace():
+        prv = context.rfind(" ", s, e)
+        if prv >= (b if span else s + 1):
+            e = prv
+    return context[s:e].strip()
 
 
-def encode_rows(tok, rows, max_len):
-    """Encode every row; rows that cannot fit are counted and reported in one line."""
-    out, dropped = [], 0
+def fit_passage(tok, row, max_len, seed=0):
+    """
+    The passage text to train on so that prompt + answer fit in max_len + 1 tokens (inputs and targets are the
+    same sequence shifted by one). Returns (text, how, need):
+      how = "whole"     the passage fits as it is
+            "windowed"  a window of it fits, and it holds the gold span (the answer stays in what the model reads)
+            "dropped"   text is None: not even MIN_PASSAGE_TOKENS of passage (or the span) fit with question + answer
+      need = the fewest tokens this row can be trained in (max_len must be at least need).
+    Cutting a long passage from its end, as a plain truncation would, can cut the answer away while it stays the
+    target: the model would then learn to write answers that are not in what it reads, i.e. to invent them.
+    """
+    context, question = row["context"], row["question"]
+    answer = row["answers"][0] if row["answers"] else NO_ANSWER
+    n_answer = len(tok.encode(completion_text(tok, qa_messages(context, question), answer)))
+    if len(tok.encode_chat(qa_messages(context, question))) + n_answer <= max_len + 1:
+        return context, "whole", None
+    frame = len(tok.encode_chat(qa_messages("", question)))  # template + system prompt + question, no passage
+    span = None
+    if row["answers"]:
+        a = context.find(answer)
+        span = (a, a + len(answer))
+    need_passage = max(MIN_PASSAGE_TOKENS, len(tok.encode(answer)) if span else 0)
+    need = frame + need_passage + n_answer - 1
+    budget = max_len + 1 - frame - n_answer  # tokens the passage may take
+    if budget < need_passage:
+        return None, "dropped", need
+    rng = random.Random(f"{seed}:{row['id']}")  # each row its own window, the same in every run
+    n_chars = len(context) * budget // len(tok.encode(context))  # characters per token varies: measure, retry
+    for _ in range(8):
+        window = passage_window(context, n_chars, rng, span)
+        if window is None:
+            break
+        n_window = len(tok.encode_chat(qa_messages(window, question))) - frame
+        if n_window <= budget:
+            return window, "windowed", need
+        n_chars = n_chars * budget // n_window - 1
+    return None, "dropped", need
+
+
+def _encode_fitted(tok, row, text):
+    messages = qa_messages(text, row["question"])
+    answer = row["answers"][0] if row["answers"] else NO_ANSWER
+    return tok.encode_chat(messages), tok.encode(completion_text(tok, messages, answer))
+
+
+def encode_example(tok, row, max_len, seed=0):
+    """One row -> (prompt ids, answer ids), together at most max_len + 1 tokens; None if it cannot fit."""
+    text, _, _ = fit_passage(tok, row, max_len, seed)
+    return None if text is None else _encode_fitted(tok, row, text)
+
+
+def encode_rows(tok, rows, max_len, seed=0, name="examples"):
+    """Encode every row, windowing long passages (fit_passage), and say in one line what was windowed or dropped.
+    Raises ValueError when rows were given but none fits, naming the length the shortest one needs."""
+    out, counts, needs = [], Counter(), []
     for row in rows:
-        ex = encode_example(tok, row, max_len)
-        if ex is None:
-            dropped += 1
+        text, how, need = fit_passage(tok, row, max_len, seed)
+        counts[how] += 1
+        if text is None:
+            needs.append(need)
         else:
-            out.append(ex)
-    if dropped:
-        print(f"dropped {dropped} of {len(rows)} rows: question + answer alone exceed max_seq_len={max_len}")
+            out.append(_encode_fitted(tok, row, text))
+    if rows and not out:
+        raise ValueError(f"no {name} fit max_seq_len={max_len}: the shortest needs {min(needs)} tokens (chat "
+                         f"template, question, answer and at least {MIN_PASSAGE_TOKENS} tokens of passage); "
+                         f"raise max_seq_len to at least {min(needs)}")
+    if counts["windowed"] or counts["dropped"]:
+        print(f"{name}: {len(rows)} rows, {counts['whole']} whole, {counts['windowed']} with the passage windowed to fit "
+              f"max_seq_len={max_len} (the answer kept in), {counts['dropped']} dropped (too long even so)")
     return out
 
 

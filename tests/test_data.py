@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from data import NO_ANSWER, load_qa_rows, split_rows
+from data import NO_ANSWER, encode_example, encode_rows, fit_passage, load_qa_rows, split_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(ROOT, "data", "persian_qa_sample.jsonl")
@@ -186,3 +186,88 @@ def test_split_rows_edge_cases():
         split_rows(rows, 1.0, seed=0)
     with pytest.raises(ValueError, match="distinct context"):
         split_rows(rows[:2], 0.5, seed=0)
+
+
+# --- long passages: windows that keep the answer --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok(bundled_dir):
+    from tokenizer import Tokenizer
+    return Tokenizer(bundled_dir)
+
+
+def check_encoded(tok, rows, max_len, seed=0):
+    """Encode each row alone; every example fits and every answerable one still shows its span. -> (kept, dropped)"""
+    kept = dropped = 0
+    for row in rows:
+        ex = encode_example(tok, row, max_len, seed)
+        if ex is None:
+            dropped += 1
+            continue
+        prompt, answer = ex
+        assert len(prompt) + len(answer) <= max_len + 1, row["id"]
+        if row["answers"]:
+            assert row["answers"][0] in tok.decode(prompt), row["id"]   # the target is in what the model reads
+            assert tok.decode(answer).startswith(row["answers"][0])
+        else:
+            assert tok.decode(answer).startswith(NO_ANSWER)
+        assert row["question"] in tok.decode(prompt)                    # the question is never cut
+        kept += 1
+    return kept, dropped
+
+
+@pytest.mark.parametrize("max_len", [160, 224, 384])
+def test_no_example_loses_its_answer_on_the_sample(tok, max_len):
+    rows, _ = load_qa_rows(SAMPLE)
+    kept, dropped = check_encoded(tok, rows, max_len)
+    assert kept + dropped == len(rows) and kept >= len(rows) * 0.75
+
+
+def long_rows(n=12, seed=0):
+    """Synthetic passages of ~3,000 characters with the answer at the start, in the middle or at the end."""
+    import random
+    rng = random.Random(seed)
+    words = ["ایران", "کوه", "رود", "شهر", "تاریخ", "مردم", "دریا", "کتاب", "سال", "بزرگ", "قدیمی", "شمال"]
+    rows = []
+    for i in range(n):
+        filler = [" ".join(rng.choice(words) for _ in range(rng.randint(6, 12))) + "." for _ in range(60)]
+        answer = f"پل شماره {i} در کنار رود"
+        where = [0, len(filler) // 2, len(filler)][i % 3]
+        context = " ".join(filler[:where] + [f"مهم‌ترین بنای شهر {answer} است."] + filler[where:])
+        rows.append({"id": f"long-{i}", "title": "", "context": context, "question": "مهم‌ترین بنای شهر چیست؟",
+                     "answers": [answer] if i % 4 else []})             # every fourth row unanswerable
+    return rows
+
+
+def test_long_passages_are_windowed_around_the_answer(tok, capsys):
+    rows = long_rows()
+    assert all(len(tok.encode(r["context"])) > 1000 for r in rows)
+    assert check_encoded(tok, rows, max_len=256) == (len(rows), 0)
+    # the answer lands at different places of its window: never always centred (the model must read all of it)
+    places = []
+    for r in rows:
+        text, how, _ = fit_passage(tok, r, 256)
+        assert how == "windowed"
+        if r["answers"]:
+            places.append(text.index(r["answers"][0]) / len(text))
+    assert max(places) - min(places) > 0.4
+    encode_rows(tok, rows, 256, name="long")
+    assert capsys.readouterr().out == ("long: 12 rows, 0 whole, 12 with the passage windowed to fit max_seq_len=256 "
+                                       "(the answer kept in), 0 dropped (too long even so)\n")
+
+
+def test_windows_are_reproducible_and_seeded(tok):
+    rows = long_rows()
+    assert [fit_passage(tok, r, 256)[0] for r in rows] == [fit_passage(tok, r, 256)[0] for r in rows]
+    assert [fit_passage(tok, r, 256, seed=1)[0] for r in rows] != [fit_passage(tok, r, 256)[0] for r in rows]
+
+
+def test_rows_that_cannot_fit_are_dropped_and_counted(tok, capsys):
+    rows = long_rows(4)
+    rows[1]["answers"] = [rows[1]["context"][:900]]           # a "span" far longer than any window
+    text, how, need = fit_passage(tok, rows[1], 256)
+    assert (text, how) == (None, "dropped") and need > 256
+    assert len(encode_rows(tok, rows, 256, name="long")) == 3
+    assert "1 dropped" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"no long fit max_seq_len=96: the shortest needs \d+ tokens"):
+        encode_rows(tok, rows, 96, name="long")
