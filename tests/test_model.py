@@ -132,17 +132,28 @@ def test_kv_cache_decoding_equals_full_forward(name):
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
 
 
+def assert_greedy(model, prompt, new_ids, tol):
+    """Each token of `new_ids` is what greedy decoding of `model` picks after `prompt` + the tokens before it, or
+    within `tol` of it: where two tokens nearly tie, which one wins depends on summation order (CPU kernels, thread
+    count, batch shape), and either is a correct greedy answer. Returns how many picks were exact."""
+    seq = torch.tensor([list(prompt) + list(new_ids)])
+    with torch.no_grad():
+        logits = model(seq)[0][0, len(prompt) - 1:-1].float()  # (len(new_ids), vocab): the logits each pick saw
+    chosen = logits.gather(-1, torch.tensor(list(new_ids))[:, None])[:, 0]
+    gap = logits.max(-1).values - chosen                         # 0 where the pick is the argmax
+    assert (gap <= tol).all(), f"token {int(gap.argmax())} is {gap.max():.2e} below the best logit"
+    return int((gap == 0).sum())
+
+
 def test_generate_greedy_matches_argmax_loop():
     torch.manual_seed(0)
     model = Llama(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=50, hidden_dim=64,
                             max_seq_len=64)).eval()
     idx = tokens(50, B=1, T=5)
     got = torch.cat(list(model.generate(idx, 12, temperature=0)), dim=1)
-    seq = idx
-    with torch.no_grad():
-        for _ in range(12):  # the slow way: full forward each step
-            seq = torch.cat([seq, model(seq)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert torch.equal(got, seq[:, 5:])
+    # the slow way: a full forward over prompt + picks; the cached steps multiply other shapes, so a near tie
+    # (two logits within rounding) may go either way: every pick must be the argmax within 1e-5
+    assert assert_greedy(model, idx[0].tolist(), got[0].tolist(), tol=1e-5) >= 11
 
 
 def test_left_padded_batch_decodes_like_each_prompt_alone():
@@ -163,8 +174,8 @@ def test_left_padded_batch_decodes_like_each_prompt_alone():
             alone = model(torch.cat([torch.tensor([p]), new[b:b + 1]], dim=1))[0][0, len(p) - 1:]  # (5, vocab)
             torch.testing.assert_close(torch.stack([s[b] for s in batched]), alone, atol=1e-5, rtol=0)
         got = torch.cat(list(model.generate(idx, 8, temperature=0, n_pad=n_pad)), dim=1)       # (3, 8)
-    for b, p in enumerate(prompts):
-        assert torch.equal(got[b], torch.cat(list(model.generate(torch.tensor([p]), 8, temperature=0)), dim=1)[0])
+    for b, p in enumerate(prompts):  # each row's tokens are that prompt's own greedy picks (up to rounding ties)
+        assert assert_greedy(model, p, got[b].tolist(), tol=1e-5) >= 7
 
 
 def test_loss_only_on_target_positions_equals_full_cross_entropy():
