@@ -42,7 +42,12 @@ def configure(defaults, argv=None):
             except OSError:
                 raise SystemExit(f"error: config file {arg!r} not found (configs live in config/)")
             scope = {}
-            exec(compile(source, arg, "exec"), scope)  # a config file is Python we wrote ourselves
+            try:
+                code = compile(source, arg, "exec")
+            except SyntaxError as e:
+                raise SystemExit(f"error: config file {arg!r} line {e.lineno}: {e.msg} "
+                                 f"(a config file is Python: key = value, one per line)")
+            exec(code, scope)  # a config file is Python we wrote ourselves
             for key, value in scope.items():
                 if not key.startswith("_") and not callable(value) and not hasattr(value, "__file__"):
                     _check_key(key, defaults, arg)
@@ -63,3 +68,19 @@ def torch_dtype(name):
     if name not in dtypes:
         raise SystemExit(f"error: dtype must be one of {', '.join(dtypes)}, got {name!r}")
     return dtypes[name]
+
+
+def check_device(name):
+    """Fail early, in one line, on a device this machine does not have (instead of a traceback deep in torch)."""
+    import torch
+    kind, _, index = str(name).partition(":")
+    if kind == "cpu":
+        return
+    if kind != "cuda":
+        raise SystemExit(f"error: device must be 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    if not torch.cuda.is_available():
+        raise SystemExit(f"error: device={name!r} but this PyTorch sees no CUDA GPU (a CPU-only build, or no driver); "
+                         f"use --device=cpu")
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise SystemExit(f"error: device={name!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s): "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")

@@ -136,7 +136,10 @@ def args_from_meta_params(p, vocab_size, tie, max_seq_len=None):
 
 def _open_safetensors(path):
     from safetensors import safe_open
-    return safe_open(path, framework="pt", device="cpu")
+    try:
+        return safe_open(path, framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error type; the header check catches truncated files
+        raise ValueError(f"{path} is truncated or not a safetensors file ({e}): download or convert it again") from None
 
 
 def hf_files(path):
@@ -175,7 +178,14 @@ def _meta_shards(files):
     if files[0].endswith(".safetensors"):
         return [_open_safetensors(f).__enter__() for f in files]
     # weights_only=True: a checkpoint is data and must never run code; mmap reads tensors only when touched.
-    return [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in files]
+    shards = []
+    for f in files:
+        try:
+            shards.append(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
+        except RuntimeError as e:  # a cut-off download is a broken zip archive
+            raise ValueError(f"{f} is truncated or not a PyTorch checkpoint ({str(e).splitlines()[0]}): "
+                             f"download it again") from None
+    return shards
 
 
 def read_meta(files, args):

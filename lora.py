@@ -25,6 +25,8 @@ import math
 import os
 import re
 import shutil
+import sys
+import tempfile
 
 import torch
 import torch.nn as nn
@@ -320,8 +322,11 @@ def read_adapter_config(adapter_dir):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found: an adapter folder holds adapter_config.json and "
                                 "adapter_model.safetensors (as written by save_adapter or PEFT's save_pretrained)")
-    with open(path) as f:
-        cfg = json.load(f)
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): save the adapter again") from None
     if cfg.get("peft_type") != "LORA":
         raise ValueError(f"{path}: peft_type is {cfg.get('peft_type')!r}; only LoRA adapters are supported")
     for field, ok in SUPPORTED_ONLY.items():
@@ -336,11 +341,15 @@ def read_adapter_config(adapter_dir):
 def _read_adapter_weights(adapter_dir):
     st, pt = (os.path.join(adapter_dir, f"adapter_model.{ext}") for ext in ("safetensors", "bin"))
     if os.path.exists(st):
-        tensors = load_file(st)
+        try:
+            tensors = load_file(st)
+        except Exception as e:  # safetensors' own error type: a truncated or foreign file
+            raise ValueError(f"{st} is truncated or not a safetensors file ({e}): save the adapter again") from None
     elif os.path.exists(pt):  # older PEFT versions; weights_only: a file must never run code
         tensors = torch.load(pt, map_location="cpu", weights_only=True)
     else:
-        raise FileNotFoundError(f"{st} not found (nor adapter_model.bin): the adapter weights are missing")
+        raise FileNotFoundError(f"{st} not found (nor adapter_model.bin): this folder has an adapter_config.json "
+                                f"but no adapter weights; copy adapter_model.safetensors next to it")
     bad = [k for k in tensors if not k.startswith(PREFIX)]
     if bad:
         raise ValueError(f"{adapter_dir}: adapter keys should start with {PREFIX!r}, found {bad[:3]}")
@@ -377,13 +386,14 @@ def load_adapter(model, adapter_dir):
                              "ensure_weight_tying=True, or on an untied model")
     missing, unexpected = sorted(params.keys() - tensors.keys()), sorted(tensors.keys() - params.keys())
     if missing or unexpected:
-        raise ValueError(f"{adapter_dir} does not fit this model: "
+        raise ValueError(f"{adapter_dir} does not fit this model (was it trained on another base model?): "
                          f"missing {missing[:6]}{' ...' if len(missing) > 6 else ''}; "
                          f"unexpected {unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}")
     for key, t in tensors.items():
         if t.shape != params[key].shape:
-            raise ValueError(f"{adapter_dir}: the adapter was made for another model shape: {key} expected "
-                             f"{tuple(params[key].shape)}, found {tuple(t.shape)}")
+            raise ValueError(f"{adapter_dir} was trained on another base model: {key} expected "
+                             f"{tuple(params[key].shape)}, found {tuple(t.shape)}; load it into the model it was "
+                             f"trained on (its base_model_name_or_path: {cfg.get('base_model_name_or_path')!r})")
     for key, t in tensors.items():
         params[key].copy_(t)
     model.lora_config["base_model_name_or_path"] = cfg.get("base_model_name_or_path")
@@ -409,24 +419,45 @@ def main(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the written weights; auto = the base's config.json dtype (else float32)")
     a = p.parse_args(argv)
-    base = a.base or read_adapter_config(a.adapter).get("base_model_name_or_path")
+    try:
+        named = read_adapter_config(a.adapter).get("base_model_name_or_path")
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    base = a.base or named
     if not base:
         p.error("the adapter does not name its base model: pass --base")
+    if not os.path.isdir(base):
+        where = "--base" if a.base else f"base_model_name_or_path in {a.adapter}/adapter_config.json"
+        sys.exit(f"error: base model folder {base!r} ({where}) not found; pass --base=<the folder it was trained on>")
     if os.path.realpath(a.out) == os.path.realpath(base):
         p.error("--out must be a new folder, not the base checkpoint")
+    if os.path.exists(a.out) and os.listdir(a.out):
+        sys.exit(f"error: {a.out} exists and is not empty; pass a new --out folder")
     dtype, cfg_path = a.dtype, os.path.join(base, "config.json")
     if dtype == "auto" and os.path.exists(cfg_path):
         with open(cfg_path) as f:
             cfg = json.load(f)
         dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
     dtype = "float32" if dtype == "auto" else dtype
-    model = Llama.from_pretrained(base, dtype=torch.float32)  # merge in fp32, round once at the end
-    load_adapter(model, a.adapter)
+    try:
+        model = Llama.from_pretrained(base, dtype=torch.float32)  # merge in fp32, round once at the end
+        load_adapter(model, a.adapter)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
     merge_lora(model).to(getattr(torch, dtype))
-    model.save_pretrained(a.out)
-    copied = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(base, f))]
-    for f in copied:
-        atomic_write(os.path.join(a.out, f), lambda dst, f=f: shutil.copyfile(os.path.join(base, f), dst))
+    # Write into a temporary folder beside --out and rename it when complete: a crash leaves no half model.
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(a.out)), prefix=os.path.basename(a.out) + ".tmp-")
+    try:
+        model.save_pretrained(tmp)
+        copied = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(base, f))]
+        for f in copied:
+            shutil.copyfile(os.path.join(base, f), os.path.join(tmp, f))
+        os.chmod(tmp, 0o755)  # mkdtemp makes a private folder; a model folder is an ordinary one
+        if os.path.isdir(a.out):
+            os.rmdir(a.out)  # empty (checked above)
+        os.replace(tmp, a.out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"merged {a.adapter} into {base} -> {a.out} ({dtype}; copied {', '.join(copied) or 'no tokenizer files'})")
 
 

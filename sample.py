@@ -7,7 +7,6 @@ Generate text from a base model, a base model + LoRA adapter, or a merged model.
     python sample.py --init_from=checkpoints/Llama-2-7b-chat-hf --quantize=nf4 --chat=True --prompt="..."
 """
 
-import json
 import os
 import sys
 
@@ -31,7 +30,8 @@ dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported
 # -------------------------------------------------------------------------------------------------------------------
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 
-from configurator import configure, torch_dtype  # noqa: E402
+from configurator import check_device, configure, torch_dtype  # noqa: E402
+from lora import load_adapter, read_adapter_config  # noqa: E402
 from model import Llama  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -57,12 +57,17 @@ def stream(model, tok, ids, cfg):
 
 def main(argv=None):
     cfg = configure(settings, argv)
+    check_device(cfg["device"])
     base = cfg["init_from"]
     if cfg["adapter"]:
-        path = os.path.join(cfg["adapter"], "adapter_config.json")
-        if not os.path.exists(path):
-            sys.exit(f"error: {cfg['adapter']!r} is not an adapter folder (no adapter_config.json)")
-        base = base or json.load(open(path)).get("base_model_name_or_path") or ""
+        try:
+            named = read_adapter_config(cfg["adapter"]).get("base_model_name_or_path")
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        if not base and named and not os.path.isdir(named):
+            sys.exit(f"error: the adapter's base model {named!r} (base_model_name_or_path in {cfg['adapter']}/"
+                     f"adapter_config.json) is not a folder here; pass --init_from=<the base checkpoint folder>")
+        base = base or named or ""
     base = base or BUNDLED
     if not os.path.isdir(base):
         sys.exit(f"error: checkpoint folder {base!r} not found. Create it with: python prepare.py [<hub repo id>]")
@@ -70,11 +75,10 @@ def main(argv=None):
     try:
         model = Llama.from_pretrained(base, dtype=ptdtype, device=cfg["device"],
                                       quantize=None if cfg["quantize"] == "none" else cfg["quantize"])
+        if cfg["adapter"]:
+            load_adapter(model, cfg["adapter"])
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    if cfg["adapter"]:
-        from lora import load_adapter
-        load_adapter(model, cfg["adapter"])
     model.eval()
     tok = Tokenizer(base)
 

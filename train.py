@@ -67,7 +67,7 @@ seed = 1337
 # -------------------------------------------------------------------------------------------------------------------
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))}
 
-from configurator import configure, torch_dtype  # noqa: E402
+from configurator import check_device, configure, torch_dtype  # noqa: E402
 import data  # noqa: E402
 from evaluate import answer_questions, val_loss  # noqa: E402
 from lora import apply_lora, lora_layers, save_adapter, trainable_report  # noqa: E402
@@ -76,6 +76,8 @@ from optim import PagedAdamW  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 STATE_FILE = "train_state.pt"
+# Settings that decide the shapes and scale of the LoRA layers: a resumed run must keep them.
+LORA_SHAPE = ("lora_r", "lora_alpha", "lora_targets", "lora_modules_to_save", "use_rslora")
 
 
 def fail(msg):
@@ -179,10 +181,18 @@ def main(argv=None):
         path = os.path.join(cfg["out_dir"], STATE_FILE)
         if not os.path.exists(path):
             fail(f"init_from=resume but {path} does not exist (no run to continue in out_dir={cfg['out_dir']!r})")
-        state = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by save_checkpoint
+        try:  # weights_only: tensors and plain containers only, so a downloaded run folder can never run code
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            fail(f"{path} is not a readable train.py checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
         overrides = {k: v for k, v in cfg.items() if v != settings[k] and k != "init_from"}
+        for k in LORA_SHAPE:  # the saved A and B matrices only fit a model with the same LoRA layers
+            if k in overrides and overrides[k] != state["config"].get(k, settings[k]):
+                fail(f"cannot resume with {k}={overrides[k]!r}: the run in {cfg['out_dir']} was trained with "
+                     f"{k}={state['config'].get(k, settings[k])!r}; drop --{k}, or start a new run in another out_dir")
         cfg = {**settings, **state["config"], **overrides}  # the run's settings, plus what this command changes
     base = cfg["init_from"]
+    check_device(cfg["device"])
 
     # -- distributed: under torchrun every process trains on its own slice of each global batch ------------------
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -230,13 +240,18 @@ def main(argv=None):
         if path and not os.path.exists(path):
             fail(f"data file {path!r} not found" + (" (get PersianQA with: python prepare.py --data persian_qa)"
                                                      if "persian_qa/" in path else ""))
-    rows, _ = data.load_qa_rows(cfg["train_data"])
-    if cfg["val_data"]:
-        train_rows, (val_rows, _) = rows, data.load_qa_rows(cfg["val_data"])
-    else:
-        train_rows, val_rows = data.split_rows(rows, cfg["val_fraction"], cfg["seed"])
-    train_ex = data.encode_rows(tok, train_rows, cfg["max_seq_len"])
-    val_ex = data.encode_rows(tok, val_rows, cfg["max_seq_len"])
+    try:
+        rows, _ = data.load_qa_rows(cfg["train_data"])
+        if cfg["val_data"]:
+            train_rows, (val_rows, _) = rows, data.load_qa_rows(cfg["val_data"])
+        else:
+            train_rows, val_rows = data.split_rows(rows, cfg["val_fraction"], cfg["seed"])
+        if not train_rows:
+            raise ValueError(f"no training rows left after holding out val_fraction={cfg['val_fraction']}")
+        train_ex = data.encode_rows(tok, train_rows, cfg["max_seq_len"], cfg["seed"], name="training examples")
+        val_ex = data.encode_rows(tok, val_rows, cfg["max_seq_len"], cfg["seed"], name="validation examples")
+    except ValueError as e:
+        fail(str(e))
     pad_id = tok.eos_id if tok.eos_id is not None else 0
     global_bs = cfg["batch_size"] * world
     n_batches = len(data.make_batches(train_ex, global_bs, cfg["seed"], 0))
