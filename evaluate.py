@@ -20,6 +20,7 @@ so normalize_answer folds all of these to one form before comparing.
 import string
 import unicodedata
 from collections import Counter
+from contextlib import nullcontext
 
 import torch
 
@@ -114,9 +115,17 @@ def answer_from_generation(text):
     return answer
 
 
-def score(predictions, golds):
+def found_in_passage(pred, context):
+    """Does the normalised prediction occur in the normalised passage, as whole words? An extractive answer always
+    does; a non-empty answer that does not was made up (what the notes call a hallucination)."""
+    p = normalize_answer(pred)
+    return bool(p) and f" {p} " in f" {normalize_answer(context)} "
+
+
+def score(predictions, golds, contexts=None):
     """Corpus scores in percent: EM and F1 over all questions, F1 over answerable ones, and the share of
-    unanswerable ones answered with "". A subset that is empty gets nan."""
+    unanswerable ones answered with "". With the passages (contexts), also the invented-answer rate: the share of
+    non-empty predictions that are not found in their passage. A subset that is empty gets nan."""
     if len(predictions) != len(golds):
         raise ValueError(f"got {len(predictions)} predictions for {len(golds)} questions; pass one each")
     if not predictions:
@@ -128,17 +137,31 @@ def score(predictions, golds):
     def percent(values):
         return 100.0 * sum(values) / len(values) if values else float("nan")
 
-    return {
+    out = {
         "exact_match": percent(em),
         "f1": percent(f1),
         "n": len(predictions),
         "has_answer_f1": percent([s for s, has in zip(f1, has_answer) if has]),
         "no_answer_accuracy": percent([s for s, has in zip(em, has_answer) if not has]),
     }
+    if contexts is not None:
+        answered = [(p, c) for p, c in zip(predictions, contexts) if normalize_answer(p)]
+        out["answered"] = len(answered)
+        out["invented"] = percent([not found_in_passage(p, c) for p, c in answered])
+    return out
+
+
+def summary(s):
+    """One line of the numbers that matter, for the end of a run."""
+    line = (f"EM {s['exact_match']:.1f}  F1 {s['f1']:.1f}  has-answer F1 {s['has_answer_f1']:.1f}  "
+            f"no-answer accuracy {s['no_answer_accuracy']:.1f}")
+    if "invented" in s:
+        line += f"  answered {s['answered']}/{s['n']}, invented {s['invented']:.1f}%"
+    return line
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Scoring a model during training (train.py): the loss on held-out answers, and answers it writes itself.
+# Scoring a model: the loss on held-out answers (train.py), and answers it writes itself.
 
 @torch.no_grad()
 def val_loss(model, examples, cfg, pad_id, ctx):
@@ -155,31 +178,232 @@ def val_loss(model, examples, cfg, pad_id, ctx):
     return total / max(count, 1)
 
 
-@torch.no_grad()
-def answer_questions(model, tok, rows, cfg, ctx):
-    """Greedy answers to validation questions, scored with score() above.
+# Answering, or not. Greedy decoding lets the FIRST token decide whether the model abstains, and in a byte-level
+# vocabulary that token is one byte shared by the no-answer phrase and a quarter of all Persian words. SQuAD v2 systems
+# decide instead by comparing two whole scores: the best answer's and the "no answer" one's, abstaining when
+#     null_diff = log p(no-answer phrase) - log p(best answer)  >  threshold,
+# with the threshold chosen on validation data (best_threshold). We score both by reading them:
+#   1. the no-answer phrase is fed in (teacher forcing): its log-probability, and at each of its tokens the most
+#      probable token that leaves it;
+#   2. the best answer leaves the phrase where that is most probable, then continues greedily to its end of turn.
+# Step 2 is the best answer that is not the no-answer phrase, up to one greedy choice per token.
 
-    Questions go eval_batch_size at a time: generating one token reads every weight once whatever the batch, so a
-    batch of prompts (left-padded to end together, model.py: left_pad) costs little more than one. Sorting by
-    length first keeps the padding short."""
+def _no_answer_ids(tok):
+    """The tokens the model writes to abstain, up to and including its end-of-turn token, and how many of them
+    spell the phrase's first word: an answer may leave the phrase only there (see _read_batch)."""
+    ids = tok.encode(data.completion_text(tok, data.qa_messages("", ""), data.NO_ANSWER))
+    end = next(i for i, t in enumerate(ids) if t in tok.stop_ids)
+    return ids[:end + 1], min(len(tok.encode(data.NO_ANSWER.split()[0])), end)
+
+
+@torch.no_grad()
+def _read_batch(model, idx, n_pad, na_ids, first_word, stop_ids, max_new_tokens):
+    """idx (B, T) left-padded prompts -> per row (answer token ids, log p(answer), log p(no-answer phrase)).
+    The answer may leave the no-answer phrase only within its first word: in a byte-level vocabulary «پاسخ» is six
+    byte tokens, and spans such as «پاریس» share its first three; once the word is written, what follows is the
+    phrase going astray («پاسخ در ...»), not an answer."""
+    B, T = idx.shape
+    K = len(na_ids)
+    model.setup_cache(B, T + max(K, max_new_tokens), n_pad=n_pad)
+    try:
+        first = model.lm_head(model.hidden(idx, start_pos=0)[:, -1]).float().log_softmax(-1)  # (B, vocab)
+        na = torch.tensor(na_ids, device=idx.device).expand(B, K)                              # (B, K)
+        rest = model.lm_head(model.hidden(na[:, :-1], start_pos=T)).float().log_softmax(-1)   # (B, K-1, vocab)
+        logp = torch.cat([first[:, None], rest], dim=1)        # (B, K, vocab): the choice before each phrase token
+        on = logp.gather(-1, na[..., None])[..., 0]            # (B, K) log p of each phrase token
+        na_score = on.sum(1)                                   # (B,)
+        off_lp, off_tok = logp.scatter(-1, na[..., None], float("-inf")).max(-1)  # (B, K) best way off the phrase
+        leave = (on.cumsum(1) - on + off_lp)[:, :first_word].argmax(1)            # (B,) where to turn off
+        off_tok = off_tok.gather(1, leave[:, None])[:, 0]                          # (B,)
+
+        out, ans_score = [[] for _ in range(B)], torch.zeros(B, device=idx.device)
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        lp = first
+        stops = torch.tensor(sorted(stop_ids), device=idx.device)
+        for s in range(max_new_tokens):
+            pick = torch.where(s < leave, na[:, min(s, K - 1)], lp.argmax(-1))     # on the phrase, or greedy
+            pick = torch.where(s == leave, off_tok, pick)                         # the turn off it
+            ans_score += torch.where(done, 0.0, lp.gather(1, pick[:, None])[:, 0])
+            ended = torch.isin(pick, stops)
+            for b in (~done & ~ended).nonzero()[:, 0].tolist():
+                out[b].append(int(pick[b]))
+            done |= ended
+            if bool(done.all()) or s + 1 == max_new_tokens:
+                break
+            lp = model.lm_head(model.hidden(pick[:, None], start_pos=T + s)[:, -1]).float().log_softmax(-1)
+    finally:
+        model.clear_cache()
+    return [(out[b], ans_score[b].item(), na_score[b].item()) for b in range(B)]
+
+
+@torch.no_grad()
+def read(model, tok, rows, max_prompt_len, max_new_tokens=48, batch_size=8, device="cpu", ctx=None, progress=False):
+    """
+    Read every question: its passage in windows (data.passage_windows) when the whole prompt is longer than
+    max_prompt_len. Returns one dict per row: "answer" (the best answer text over its windows), "null_diff"
+    (log p(no answer) - log p(that answer), in the window most sure of an answer), "window" (its index) and
+    "windows". Prompts go batch_size at a time, left-padded (model.py: left_pad), sorted by length so the padding
+    stays short: a decoding step reads every weight once, whatever the number of rows.
+    """
+    from tqdm import tqdm
     model.eval()
-    prompts = [tok.encode_chat(data.qa_messages(r["context"], r["question"]))[-(model.args.max_seq_len - cfg["max_new_tokens"]):]
-               for r in rows]
-    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
-    answers, size = {}, cfg["eval_batch_size"] or cfg["batch_size"]
-    for b in range(0, len(order), size):
-        chunk = order[b:b + size]
-        idx, n_pad = left_pad([prompts[i] for i in chunk], pad_id=0)  # any id: padding keys are masked
-        outs, done = [[] for _ in chunk], [False] * len(chunk)
-        with ctx:
-            for nxt in model.generate(idx.to(cfg["device"]), cfg["max_new_tokens"], temperature=0, n_pad=n_pad):
-                for j, t in enumerate(nxt[:, 0].tolist()):  # each row stops at its own end-of-turn token
-                    done[j] = done[j] or t in tok.stop_ids
-                    if not done[j]:
-                        outs[j].append(t)
-                if all(done):
-                    break
-        answers.update({i: tok.decode(o) for i, o in zip(chunk, outs)})
-    preds = [answer_from_generation(answers[i]) for i in range(len(rows))]
-    model.train()
-    return score(preds, [r["answers"] for r in rows]), preds
+    prompts, owner = [], []
+    for i, r in enumerate(rows):
+        for w, text in enumerate(data.passage_windows(tok, r["context"], r["question"], max_prompt_len)):
+            prompts.append(tok.encode_chat(data.qa_messages(text, r["question"])))
+            owner.append((i, w))
+    na_ids, first_word = _no_answer_ids(tok)
+    order = sorted(range(len(prompts)), key=lambda j: len(prompts[j]))
+    got = {}
+    bar = tqdm(total=len(prompts), desc="reading", unit="prompt", disable=not progress, leave=False)
+    for b in range(0, len(order), batch_size):
+        chunk = order[b:b + batch_size]
+        idx, n_pad = left_pad([prompts[j] for j in chunk], pad_id=0)  # any id: padding keys are masked
+        with ctx or nullcontext():
+            results = _read_batch(model, idx.to(device), n_pad, na_ids, first_word, tok.stop_ids, max_new_tokens)
+        got.update(zip(chunk, results))
+        bar.update(len(chunk))
+    bar.close()
+    per_row = [[] for _ in rows]
+    for j, (i, w) in enumerate(owner):
+        ids, ans_lp, na_lp = got[j]
+        per_row[i].append({"answer": answer_from_generation(tok.decode(ids)), "null_diff": na_lp - ans_lp,
+                           "window": w})
+    readings = []
+    for windows in per_row:  # the window most sure of an answer speaks for the passage
+        best = min(windows, key=lambda r: r["null_diff"])
+        readings.append(dict(best, windows=len(windows)))
+    return readings
+
+
+def decide(readings, threshold):
+    """Predictions: each reading's answer, or "" (abstain) where null_diff > threshold."""
+    return [r["answer"] if r["null_diff"] <= threshold else "" for r in readings]
+
+
+def best_threshold(readings, golds):
+    """The threshold with the best F1 on these questions (SQuAD v2's best_f1_thresh), found in one sorted pass:
+    with the questions ordered by null_diff, a threshold answers a prefix of them and abstains on the rest."""
+    answer_f1 = [f1_score(r["answer"], g) for r, g in zip(readings, golds)]
+    abstain_f1 = [f1_score("", g) for g in golds]
+    order = sorted(range(len(readings)), key=lambda i: readings[i]["null_diff"])
+    total = best = sum(abstain_f1)  # threshold below every null_diff: abstain on all
+    threshold = readings[order[0]]["null_diff"] - 1.0 if order else 0.0
+    for k, i in enumerate(order):
+        total += answer_f1[i] - abstain_f1[i]
+        nxt = readings[order[k + 1]]["null_diff"] if k + 1 < len(order) else readings[i]["null_diff"] + 2.0
+        if total > best + 1e-9:
+            best, threshold = total, (readings[i]["null_diff"] + nxt) / 2  # halfway to the next question
+    return threshold
+
+
+def answer_questions(model, tok, rows, cfg, ctx=None, threshold=0.0, progress=False):
+    """Read and decide in one call: (score dict, predictions, readings), the numbers train.py prints."""
+    readings = read(model, tok, rows, cfg["max_seq_len"], cfg["max_new_tokens"],
+                    cfg["eval_batch_size"] or cfg["batch_size"], cfg["device"], ctx, progress)
+    preds = decide(readings, threshold)
+    return score(preds, [r["answers"] for r in rows], [r["context"] for r in rows]), preds, readings
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command:
+#   python evaluate.py --adapter=out/quickstart --data=data/persian_qa_heldout.jsonl [--limit=N] [--out=DIR]
+# scores a base model, a base + adapter, or a merged model on a QA file, and writes every prediction down.
+
+def main(argv=None):
+    import json
+    import os
+    import sys
+    import time
+
+    from configurator import check_device, configure, resolve_dtype
+    from model import Llama
+    from tokenizer import Tokenizer
+
+    settings = dict(
+        init_from="",            # checkpoint folder; "" -> the adapter's base model, else the bundled SmolLM2
+        adapter="",              # a LoRA adapter folder (a train.py out_dir), or "" for the model alone
+        data="data/persian_qa_heldout.jsonl",
+        limit=0,                 # score only the first N questions (0: all)
+        out="",                  # where predictions.jsonl and metrics.json go; "" -> eval/<adapter or model name>
+        quantize="none",         # "nf4": a 4-bit base, as QLoRA trains it
+        max_seq_len=0,           # longest prompt; longer passages are read in windows. 0 -> what the adapter was
+                                 # trained with (its config.json), else 1024
+        max_new_tokens=48,
+        batch_size=8,            # prompts read at once
+        null_threshold="",       # abstain when log p(no answer) - log p(answer) is above it; "" -> the one
+                                 # train.py chose on validation data (the adapter's metrics.json), else 0
+        device="cuda" if torch.cuda.is_available() else "cpu",
+        dtype="auto",            # auto: bfloat16 where this device computes it natively, else float32
+    )
+    cfg = configure(settings, argv)
+    check_device(cfg["device"])
+    trained = {}
+    if cfg["adapter"]:
+        from lora import read_adapter_config
+        try:
+            named = read_adapter_config(cfg["adapter"]).get("base_model_name_or_path")
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"error: {e}")
+        cfg["init_from"] = cfg["init_from"] or named or ""
+        for name in ("config.json", "metrics.json"):  # how it was trained, and the threshold chosen then
+            path = os.path.join(cfg["adapter"], name)
+            if os.path.exists(path):
+                with open(path) as f:
+                    trained[name] = json.load(f)
+    base = cfg["init_from"] or os.path.join("checkpoints", "SmolLM2-135M-Instruct")
+    if not os.path.isdir(base):
+        sys.exit(f"error: checkpoint folder {base!r} not found. Create it with: python prepare.py [<hub repo id>]"
+                 + (f", or pass --init_from=<the base the adapter was trained on>" if cfg["adapter"] else ""))
+    threshold = cfg["null_threshold"]
+    if threshold == "":
+        threshold = (trained.get("metrics.json") or {}).get("null_threshold") or 0.0
+    if not isinstance(threshold, (int, float)):
+        sys.exit(f"error: null_threshold must be a number, got {threshold!r}")
+    max_len = cfg["max_seq_len"] or (trained.get("config.json") or {}).get("max_seq_len") or 1024
+    try:
+        rows, _ = data.load_qa_rows(cfg["data"])
+        dtype = resolve_dtype(cfg["dtype"], cfg["device"])
+        model = Llama.from_pretrained(base, dtype=dtype, device=cfg["device"], max_seq_len=max_len + cfg["max_new_tokens"] + 64,
+                                      quantize=None if cfg["quantize"] == "none" else cfg["quantize"])
+        if cfg["adapter"]:
+            from lora import load_adapter
+            load_adapter(model, cfg["adapter"])
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    rows = rows[:cfg["limit"]] if cfg["limit"] else rows
+    tok = Tokenizer(base)
+    out = cfg["out"] or os.path.join("eval", os.path.basename(os.path.normpath(cfg["adapter"] or base)))
+    print(f"{len(rows)} questions from {cfg['data']}; {'adapter ' + cfg['adapter'] + ' on ' if cfg['adapter'] else ''}"
+          f"{base} ({str(dtype).replace('torch.', '')}); prompts up to {max_len} tokens; null threshold {threshold:g}")
+
+    t0 = time.time()
+    try:
+        readings = read(model, tok, rows, max_len, cfg["max_new_tokens"], cfg["batch_size"], cfg["device"],
+                        progress=True)
+    except ValueError as e:  # a question so long that no window of passage fits next to it
+        sys.exit(f"error: {e}")
+    preds = decide(readings, threshold)
+    golds, contexts = [r["answers"] for r in rows], [r["context"] for r in rows]
+    s = score(preds, golds, contexts)
+    baseline = score([""] * len(rows), golds)  # what answering nothing at all scores on these questions
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "predictions.jsonl"), "w", encoding="utf-8") as f:
+        for row, pred, rd in zip(rows, preds, readings):
+            f.write(json.dumps({"id": row["id"], "question": row["question"], "answers": row["answers"],
+                                "prediction": pred, "em": exact_match(pred, row["answers"]),
+                                "f1": f1_score(pred, row["answers"]), "found_in_passage": found_in_passage(pred, row["context"]),
+                                "best_answer": rd["answer"], "null_diff": rd["null_diff"],
+                                "window": rd["window"], "windows": rd["windows"]}, ensure_ascii=False) + "\n")
+    metrics = {**s, "null_threshold": threshold, "always_no_answer": {"exact_match": baseline["exact_match"],
+               "f1": baseline["f1"]}, "data": cfg["data"], "model": base, "adapter": cfg["adapter"],
+               "max_seq_len": max_len, "seconds": round(time.time() - t0, 1)}
+    with open(os.path.join(out, "metrics.json"), "w") as f:  # strict JSON: NaN (no such questions) -> null
+        json.dump(json.loads(json.dumps(metrics).replace("NaN", "null")), f, indent=2)
+    print(summary(s))
+    print(f"always answering 'no answer' scores F1 {baseline['f1']:.1f} here. "
+          f"Predictions and metrics in {out}/ ({time.time() - t0:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()

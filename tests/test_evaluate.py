@@ -4,11 +4,16 @@ There is no installed reference implementation of PersianQA scoring, so every ex
 worked out by hand (the arithmetic is in the comments)."""
 
 import math
+import os
 
 import pytest
+import torch
 
 from data import NO_ANSWER
-from evaluate import answer_from_generation, exact_match, f1_score, normalize_answer, score
+from evaluate import (answer_from_generation, best_threshold, decide, exact_match, f1_score, found_in_passage,
+                      normalize_answer, score, summary)
+
+SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "persian_qa_sample.jsonl")
 
 ZWNJ = "\u200c"
 
@@ -117,3 +122,155 @@ def test_score_rejects_bad_input():
         score(["a", "b"], [["a"]])
     with pytest.raises(ValueError, match="nothing to score"):
         score([], [])
+
+
+# --- invented answers -----------------------------------------------------------------------------------
+
+def test_found_in_passage_and_invented_rate():
+    ctx = "کتاب‌های قدیمی در کتابخانهٔ مرکزی تهران نگه‌داری می‌شوند."
+    assert found_in_passage("کتاب های قدیمی", ctx)             # ZWNJ in the passage, a space in the answer
+    assert found_in_passage("«کتابخانه مرکزی»", ctx)           # ezafe hamza and quotes normalised away
+    assert not found_in_passage("کتابخانه ملی", ctx)           # words the passage does not have
+    assert not found_in_passage("تاب", ctx)                    # a piece of a word is not a span of words
+    assert not found_in_passage("", ctx)
+    # 4 predictions, 3 non-empty: «تهران» is in its passage, «اصفهان» and «شیراز» are not -> 2 of 3 invented
+    s = score(["تهران", "اصفهان", "", "شیراز"], [["تهران"], [], [], ["مشهد"]], [ctx, ctx, ctx, ctx])
+    assert s["answered"] == 3 and s["invented"] == pytest.approx(200 / 3)
+    assert s["exact_match"] == 50.0  # the usual numbers are unchanged by passing contexts
+    assert "invented 66.7%" in summary(s) and "answered 3/4" in summary(s)
+
+
+# --- abstaining by score: the threshold -----------------------------------------------------------------
+
+def test_decide_and_best_threshold_by_hand():
+    readings = [{"answer": "تهران", "null_diff": -3.0},    # sure, right           (gold: تهران)
+                {"answer": "اصفهان", "null_diff": -1.0},   # fairly sure, wrong    (gold: none)
+                {"answer": "مشهد", "null_diff": 0.5},      # unsure, right         (gold: مشهد)
+                {"answer": "یزد", "null_diff": 2.0}]       # abstains, and should  (gold: none)
+    golds = [["تهران"], [], ["مشهد"], []]
+    assert decide(readings, 0.0) == ["تهران", "اصفهان", "", ""]
+    # F1 by threshold: below -3: 0+1+0+1 = 2; (-3,-1): 1+1+0+1 = 3; (-1,0.5): 1+0+0+1 = 2;
+    # (0.5,2): 1+0+1+1 = 3; above 2: 1+0+1+0 = 2. The first best, halfway between -3 and -1, is kept.
+    t = best_threshold(readings, golds)
+    assert t == -2.0 and score(decide(readings, t), golds)["f1"] == 75.0
+
+
+# --- reading long passages in windows -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tok(bundled_dir):
+    from tokenizer import Tokenizer
+    return Tokenizer(bundled_dir)
+
+
+def test_passage_windows_cover_the_passage_and_fit(tok):
+    from data import passage_windows, qa_messages
+    words = ["ایران", "کوه", "رود", "شهر", "تاریخ", "مردم", "دریا", "کتاب", "سال", "بزرگ"]
+    context = " ".join(words[(i * 7) % 10] + str(i) for i in range(400))  # every word unique: coverage is checkable
+    question = "کدام کوه بلندتر است؟"
+    windows = passage_windows(tok, context, question, 300)
+    assert len(windows) >= 3
+    for w in windows:
+        assert len(tok.encode_chat(qa_messages(w, question))) <= 300 and w in context
+    starts = [context.index(w) for w in windows]
+    ends = [s + len(w) for s, w in zip(starts, windows)]
+    assert starts[0] == 0 and ends[-1] == len(context)
+    assert all(s < e_prev for s, e_prev in zip(starts[1:], ends))          # neighbours overlap: no gap
+    assert all(context[s - 1] == " " for s in starts[1:])                  # cut at spaces
+    assert passage_windows(tok, "تهران پایتخت ایران است.", question, 300) == ["تهران پایتخت ایران است."]
+    with pytest.raises(ValueError, match="leaves"):
+        passage_windows(tok, context, question, 90)
+
+
+def test_read_scores_equal_teacher_forced_log_probs(tiny_dir, tok):
+    """The cached, batched reading of evaluate.py against the plain definition: a full forward pass over
+    prompt + continuation, per question alone. Both scores, and the answer's construction (the no-answer
+    phrase up to the turn-off point, the best token off it, then greedy), are checked."""
+    import data
+    import evaluate
+    from model import Llama
+    torch.manual_seed(0)
+    model = Llama.from_pretrained(tiny_dir, max_seq_len=1024).eval()
+    rows, _ = data.load_qa_rows(SAMPLE)
+    rows = rows[:5]
+    readings = evaluate.read(model, tok, rows, max_prompt_len=512, max_new_tokens=10, batch_size=3)
+    na, first_word = evaluate._no_answer_ids(tok)
+    assert first_word == 6  # «پاسخ»: four letters in six byte-level tokens
+    for row, r in zip(rows, readings):
+        prompt = tok.encode_chat(data.qa_messages(row["context"], row["question"]))
+
+        def logprobs(cont):  # log p of each token of cont after prompt, and the distributions
+            with torch.no_grad():
+                lp = model(torch.tensor([prompt + cont]))[0][0, len(prompt) - 1:-1].float().log_softmax(-1)
+            return lp.gather(-1, torch.tensor(cont)[:, None])[:, 0], lp
+
+        na_lp, na_dists = logprobs(na)
+        off = na_dists.scatter(-1, torch.tensor(na)[:, None], float("-inf")).max(-1)
+        turn = int((na_lp.cumsum(0) - na_lp + off.values)[:first_word].argmax())
+        answer = na[:turn] + [int(off.indices[turn])]
+        while len(answer) < 10 and answer[-1] not in tok.stop_ids:   # greedy to the end of turn
+            answer.append(int(logprobs(answer)[1][-1].argmax()))
+        ans_lp, _ = logprobs(answer)
+        stop = next((i for i, t in enumerate(answer) if t in tok.stop_ids), len(answer))
+        assert r["answer"] == evaluate.answer_from_generation(tok.decode(answer[:stop]))
+        assert r["null_diff"] == pytest.approx(float(na_lp.sum() - ans_lp[:stop + 1].sum()), abs=1e-3)
+        assert r["windows"] == 1
+
+
+def test_batched_reading_equals_one_at_a_time(bundled_dir, tok):
+    """Left-padded batches (evaluate.read) give each question the reading it gets alone, on the real model."""
+    import data
+    import evaluate
+    from model import Llama
+    model = Llama.from_pretrained(bundled_dir, max_seq_len=512)
+    rows, _ = data.load_qa_rows(SAMPLE)
+    rows = rows[:5]
+    one = evaluate.read(model, tok, rows, 400, max_new_tokens=12, batch_size=1)
+    together = evaluate.read(model, tok, rows, 400, max_new_tokens=12, batch_size=5)
+    for a, b in zip(one, together):
+        # rows padded to another length multiply other shapes: scores agree to rounding; the texts agree
+        # unless a near tie flips a greedy pick, which would move null_diff by far more than this bound
+        assert a["answer"] == b["answer"] and a["null_diff"] == pytest.approx(b["null_diff"], abs=1e-3)
+
+
+# --- the command ----------------------------------------------------------------------------------------
+
+def test_evaluate_command_writes_predictions_and_metrics(tiny_dir, tmp_path, capsys):
+    """python evaluate.py --adapter=DIR --data=FILE --limit=N --out=DIR, on a tiny model: the threshold and the
+    prompt length come from the adapter folder (as train.py leaves it), every prediction is written down."""
+    import json
+
+    import evaluate
+    import lora
+    from model import Llama
+    adapter = tmp_path / "run"
+    lora.save_adapter(lora.apply_lora(Llama.from_pretrained(tiny_dir), r=4, targets="all-linear"), str(adapter),
+                      base_model_name_or_path=tiny_dir)
+    (adapter / "metrics.json").write_text(json.dumps({"null_threshold": 1.5}))
+    (adapter / "config.json").write_text(json.dumps({"max_seq_len": 300}))
+    heldout = os.path.join(os.path.dirname(SAMPLE), "persian_qa_heldout.jsonl")
+    evaluate.main([f"--adapter={adapter}", f"--data={heldout}", "--limit=3", f"--out={tmp_path / 'ev'}",
+                   "--max_new_tokens=4", "--dtype=float32"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (f"3 questions from {heldout}; adapter {adapter} on {tiny_dir} (float32); "
+                      f"prompts up to 300 tokens; null threshold 1.5")
+    assert out[1].startswith("EM ") and "answered" in out[1] and out[2].startswith("always answering 'no answer'")
+    preds = [json.loads(line) for line in open(tmp_path / "ev" / "predictions.jsonl", encoding="utf-8")]
+    assert len(preds) == 3 and all(p["windows"] >= 4 for p in preds)  # ~1,000-token passages, 300-token prompts
+    assert set(preds[0]) == {"id", "question", "answers", "prediction", "em", "f1", "found_in_passage",
+                             "best_answer", "null_diff", "window", "windows"}
+    for p in preds:  # the threshold decided each prediction
+        assert p["prediction"] == (p["best_answer"] if p["null_diff"] <= 1.5 else "")
+    metrics = json.load(open(tmp_path / "ev" / "metrics.json"))
+    assert metrics["n"] == 3 and metrics["null_threshold"] == 1.5 and metrics["max_seq_len"] == 300
+    assert metrics["always_no_answer"]["f1"] == 100.0 * sum(not p["answers"] for p in preds) / 3
+
+
+def test_evaluate_command_bad_input(tiny_dir, tmp_path):
+    import evaluate
+    with pytest.raises(SystemExit, match="no QA data file"):
+        evaluate.main([f"--init_from={tiny_dir}", f"--data={tmp_path / 'nope.jsonl'}"])
+    with pytest.raises(SystemExit, match="not found. Create it with: python prepare.py"):
+        evaluate.main([f"--init_from={tmp_path / 'nope'}"])
+    with pytest.raises(SystemExit, match="null_threshold must be a number"):
+        evaluate.main([f"--init_from={tiny_dir}", "--null_threshold=high"])
