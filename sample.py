@@ -26,11 +26,11 @@ seed = 1337
 num_samples = 1
 quantize = "none"            # "nf4": load the base in 4 bits (QLoRA models on a small GPU)
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+dtype = "auto"               # bfloat16 where the device computes it natively, else float32 (configurator.py)
 # -------------------------------------------------------------------------------------------------------------------
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 
-from configurator import check_device, configure, torch_dtype  # noqa: E402
+from configurator import check_device, configure, resolve_dtype  # noqa: E402
 from lora import load_adapter, read_adapter_config  # noqa: E402
 from model import Llama  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -71,7 +71,7 @@ def main(argv=None):
     base = base or BUNDLED
     if not os.path.isdir(base):
         sys.exit(f"error: checkpoint folder {base!r} not found. Create it with: python prepare.py [<hub repo id>]")
-    ptdtype = torch_dtype(cfg["dtype"])
+    ptdtype = resolve_dtype(cfg["dtype"], cfg["device"])
     try:
         model = Llama.from_pretrained(base, dtype=ptdtype, device=cfg["device"],
                                       quantize=None if cfg["quantize"] == "none" else cfg["quantize"])

@@ -25,9 +25,12 @@ import torch.distributed as dist
 init_from = "checkpoints/SmolLM2-135M-Instruct"  # base model folder, or "resume" to continue the run in out_dir
 hub_id = ""                 # where `python prepare.py <hub_id>` gets init_from; named when the folder is missing
 out_dir = "out/quickstart"
-train_data = "data/persian_qa_sample.jsonl"
+train_data = "data/persian_qa_sample.jsonl"  # a file, or a tuple of files read as one set
 val_data = ""               # "" -> hold out val_fraction of train_data's passages
 val_fraction = 0.15
+val_limit = 0               # validate on the first N validation rows only (0: all)
+test_data = ""              # held-out questions answered once at the end, with the threshold chosen on validation
+test_limit = 0              # answer only the first N test questions (0: all)
 # LoRA: W0 + (alpha / r) B A on the target layers; see lora.py
 lora_r = 16
 lora_alpha = 32
@@ -53,23 +56,24 @@ max_iters = 0                # optimizer steps; 0 -> epochs * steps per epoch
 epochs = 1
 # evaluation and logging
 eval_interval = 50           # validation loss (and a checkpoint) every this many steps
-eval_generate = 32           # validation questions answered by generation for EM/F1 before and after (0: none)
-eval_batch_size = 0          # questions generated at once; 0 -> batch_size (inference needs far less memory per row)
+eval_generate = 32           # validation questions answered before and after training, for EM/F1 and for choosing
+                             # the no-answer threshold (evaluate.py: best_threshold); 0: none
+eval_batch_size = 0          # prompts read at once; 0 -> batch_size (inference needs far less memory per row)
 max_new_tokens = 32
 wandb_log = False
 wandb_project = "lora-course"
 wandb_run_name = "run"
 # system
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+dtype = "auto"               # bfloat16 where the device computes it natively (recent GPUs, AVX-512-BF16 CPUs), else float32
 gradient_checkpointing = False
 seed = 1337
 # -------------------------------------------------------------------------------------------------------------------
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))}
 
-from configurator import check_device, configure, torch_dtype  # noqa: E402
+from configurator import check_device, configure, resolve_dtype  # noqa: E402
 import data  # noqa: E402
-from evaluate import answer_questions, val_loss  # noqa: E402
+from evaluate import answer_questions, best_threshold, decide, score, summary, val_loss  # noqa: E402
 from lora import apply_lora, lora_layers, save_adapter, trainable_report  # noqa: E402
 from model import Llama  # noqa: E402
 from optim import PagedAdamW  # noqa: E402
@@ -212,7 +216,7 @@ def main(argv=None):
     if not os.path.isdir(base):
         hint = f"python prepare.py {cfg['hub_id']}" if cfg["hub_id"] else "python prepare.py [<hub repo id>]"
         fail(f"base model folder {base!r} not found. Get it with: {hint}")
-    ptdtype = torch_dtype(cfg["dtype"])
+    ptdtype = resolve_dtype(cfg["dtype"], device)
     try:
         model = Llama.from_pretrained(base, dtype=ptdtype, device=device, max_seq_len=cfg["max_seq_len"] + 64 + cfg["max_new_tokens"],
                                       quantize=None if cfg["quantize"] == "none" else cfg["quantize"])
@@ -236,20 +240,24 @@ def main(argv=None):
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
 
     # -- data -------------------------------------------------------------------------------------------------------
-    for path in (cfg["train_data"], cfg["val_data"]):
+    train_files = cfg["train_data"] if isinstance(cfg["train_data"], (tuple, list)) else (cfg["train_data"],)
+    for path in (*train_files, cfg["val_data"], cfg["test_data"]):
         if path and not os.path.exists(path):
             fail(f"data file {path!r} not found" + (" (get PersianQA with: python prepare.py --data persian_qa)"
                                                      if "persian_qa/" in path else ""))
     try:
-        rows, _ = data.load_qa_rows(cfg["train_data"])
+        rows = [row for path in train_files for row in data.load_qa_rows(path)[0]]
         if cfg["val_data"]:
             train_rows, (val_rows, _) = rows, data.load_qa_rows(cfg["val_data"])
         else:
             train_rows, val_rows = data.split_rows(rows, cfg["val_fraction"], cfg["seed"])
         if not train_rows:
             raise ValueError(f"no training rows left after holding out val_fraction={cfg['val_fraction']}")
+        val_rows = val_rows[:cfg["val_limit"]] if cfg["val_limit"] else val_rows
         train_ex = data.encode_rows(tok, train_rows, cfg["max_seq_len"], cfg["seed"], name="training examples")
         val_ex = data.encode_rows(tok, val_rows, cfg["max_seq_len"], cfg["seed"], name="validation examples")
+        test_rows = data.load_qa_rows(cfg["test_data"])[0] if cfg["test_data"] else []
+        test_rows = test_rows[:cfg["test_limit"]] if cfg["test_limit"] else test_rows
     except ValueError as e:
         fail(str(e))
     pad_id = tok.eos_id if tok.eos_id is not None else 0
@@ -290,13 +298,23 @@ def main(argv=None):
         import wandb
         wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg)
     eval_rows = val_rows[:cfg["eval_generate"]]
+
+    def answer_validation(when):
+        """EM/F1 on the validation questions, abstaining above the null_diff threshold that is best on them
+        (evaluate.py: best_threshold): the model's best use of its own scores, before and after alike."""
+        _, _, readings = answer_questions(raw_model, tok, eval_rows, cfg, ctx)
+        golds = [r["answers"] for r in eval_rows]
+        threshold = best_threshold(readings, golds)
+        s = dict(score(decide(readings, threshold), golds, [r["context"] for r in eval_rows]), null_threshold=threshold)
+        print(f"{when} ({len(eval_rows)} validation questions, abstaining above null_diff {threshold:.2f}): {summary(s)}")
+        return s
+
     if master and state is None:  # the base model's numbers: what training has to beat
         if val_ex:
             history["val"].append((0, val_loss(raw_model, val_ex, cfg, pad_id, ctx)))
             print(f"before training: val loss {history['val'][0][1]:.4f}")
         if eval_rows:
-            history["before"], _ = answer_questions(raw_model, tok, eval_rows, cfg, ctx)
-            print(f"before training: EM {history['before']['exact_match']:.1f}  F1 {history['before']['f1']:.1f}")
+            history["before"] = answer_validation("before training")
 
     # -- the loop ---------------------------------------------------------------------------------------------------
     from tqdm import tqdm
@@ -379,10 +397,22 @@ def main(argv=None):
     bar.close()
 
     if master:
+        threshold, test = 0.0, None
         if eval_rows:
-            history["after"], preds = answer_questions(raw_model, tok, eval_rows, cfg, ctx)
-            print(f"after training:  EM {history['after']['exact_match']:.1f}  F1 {history['after']['f1']:.1f}")
-        metrics = {"before": history["before"], "after": history["after"], "val_loss": history["val"],
+            history["after"] = answer_validation("after training")
+            threshold = history["after"]["null_threshold"]
+        if test_rows:  # answered once, with the threshold chosen above: nothing is tuned on these questions
+            test, preds, readings = answer_questions(raw_model, tok, test_rows, cfg, ctx, threshold, progress=True)
+            always_empty = score([""] * len(test_rows), [r["answers"] for r in test_rows])["f1"]
+            print(f"held-out test ({len(test_rows)} questions): {summary(test)}; "
+                  f"always 'no answer': F1 {always_empty:.1f}")
+            test["always_no_answer_f1"] = always_empty
+            with open(os.path.join(cfg["out_dir"], "test_predictions.jsonl"), "w", encoding="utf-8") as f:
+                for row, pred, rd in zip(test_rows, preds, readings):
+                    f.write(json.dumps({"id": row["id"], "answers": row["answers"], "prediction": pred,
+                                        "null_diff": rd["null_diff"]}, ensure_ascii=False) + "\n")
+        metrics = {"before": history["before"], "after": history["after"], "test": test,
+                   "null_threshold": threshold, "val_loss": history["val"],
                    "train_loss_last": history["train"][-1][1] if history["train"] else None,
                    "peak_memory_bytes": peak_memory(device), "estimated_memory_bytes": est["total"]}
         with open(os.path.join(cfg["out_dir"], "metrics.json"), "w") as f:  # strict JSON: NaN (no such questions) -> null

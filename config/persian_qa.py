@@ -6,7 +6,9 @@ init_from = "checkpoints/Llama-2-7b-chat-hf"
 hub_id = "meta-llama/Llama-2-7b-chat-hf"
 out_dir = "out/persian_qa"
 train_data = "data/persian_qa/train.jsonl"
-val_data = "data/persian_qa/test.jsonl"
+val_fraction = 0.03           # validation: ~270 questions on passages held out of the TRAINING set
+test_data = "data/persian_qa/test.jsonl"  # the 930 test questions, answered once at the end: comparable with
+                              # the published table (XLM-RoBERTa-large F1 84.8 / EM 70.4)
 
 # The QLoRA recipe of the notes: 4-bit NF4 base with double quantization, bf16 compute, paged optimizer.
 quantize = "nf4"
@@ -27,5 +29,5 @@ warmup_iters = 30
 weight_decay = 0.0
 max_iters = 1000
 eval_interval = 100
-eval_generate = 200
+eval_generate = 200            # validation questions answered before and after; they choose the no-answer threshold
 max_new_tokens = 48

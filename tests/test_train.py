@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import load_file
 
 import configurator
-import evaluate
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -17,9 +16,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run(tmp, name, *extra, base):
     out = str(tmp / name)
+    # validation: a split of the short sample (not the quickstart's long passages), no test set: seconds, not minutes
     train.main(["config/quickstart.py", f"--init_from={base}", f"--out_dir={out}", "--batch_size=2",
                 "--max_seq_len=320", "--eval_generate=0", "--eval_interval=2", "--learning_rate=1e-3",
-                "--warmup_iters=1", *extra])
+                "--warmup_iters=1", "--val_data=", "--test_data=", "--dtype=float32", *extra])
     return out
 
 
@@ -78,7 +78,7 @@ def test_bad_dtype_and_quantize_values_are_clear_errors(tiny_dir, tmp_path, monk
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as e:
         run(tmp_path, "bf16", "--dtype=bf16", base=tiny_dir)
-    assert "dtype must be one of float32, bfloat16, float16, got 'bf16'" in str(e.value)
+    assert "dtype must be auto or one of float32, bfloat16, float16, got 'bf16'" in str(e.value)
     with pytest.raises(SystemExit):
         run(tmp_path, "int8", "--quantize=int8", base=tiny_dir)
     assert "quantize must be 'nf4'" in capsys.readouterr().err and not os.path.exists(tmp_path / "int8")
@@ -111,6 +111,7 @@ def first_step_gradients(out):
 def test_ddp_two_processes_equal_one_process(tiny_dir, tmp_path):
     """2 processes x batch 2 (gloo, CPU) and 1 process x batch 4 see the same global batch: same gradient."""
     common = ["config/quickstart.py", f"--init_from={tiny_dir}", "--max_seq_len=320", "--eval_generate=0",
+              "--val_data=", "--test_data=", "--dtype=float32",
               "--max_iters=1", "--eval_interval=1", "--lora_dropout=0.0", "--grad_clip=0.0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "train.py", *common, "--batch_size=4", f"--out_dir={tmp_path / 'one'}"],
@@ -145,16 +146,16 @@ def test_real_steps_on_bundled_model_lower_the_loss(bundled_dir, tmp_path, monke
     assert os.path.exists(os.path.join(out, "loss.png"))
 
 
-def test_batched_answers_equal_one_at_a_time(bundled_dir):
-    """The EM/F1 eval generates eval_batch_size questions at once (left-padded): same answers as one by one."""
-    import data
-    from contextlib import nullcontext
-    from model import Llama
-    from tokenizer import Tokenizer
-    model, tok = Llama.from_pretrained(bundled_dir, max_seq_len=512), Tokenizer(bundled_dir)
-    rows, _ = data.load_qa_rows(os.path.join(ROOT, "data", "persian_qa_sample.jsonl"))
-    rows = rows[:5]
-    cfg = dict(train.settings, device="cpu", max_new_tokens=12, batch_size=4)
-    one = evaluate.answer_questions(model, tok, rows, dict(cfg, eval_batch_size=1), nullcontext())
-    together = evaluate.answer_questions(model, tok, rows, dict(cfg, eval_batch_size=5), nullcontext())
-    assert together == one and len(one[1]) == 5 and any(one[1])  # scores and every predicted answer
+def test_validation_chooses_the_threshold_and_the_test_set_is_answered_once(tiny_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    out = run(tmp_path, "t", "--max_iters=2", "--eval_generate=4", "--max_new_tokens=3", "--test_limit=3",
+              "--test_data=data/persian_qa_heldout.jsonl", base=tiny_dir)
+    printed = capsys.readouterr().out
+    assert "before training (4 validation questions, abstaining above null_diff " in printed
+    assert "after training (4 validation questions, abstaining above null_diff " in printed
+    assert "held-out test (3 questions): EM " in printed and "always 'no answer': F1 " in printed
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["null_threshold"] == metrics["after"]["null_threshold"]   # chosen on validation, used on test
+    assert metrics["test"]["n"] == 3 and "invented" in metrics["test"]
+    preds = [json.loads(line) for line in open(os.path.join(out, "test_predictions.jsonl"), encoding="utf-8")]
+    assert len(preds) == 3 and all(p["prediction"] == "" for p in preds if p["null_diff"] > metrics["null_threshold"])
