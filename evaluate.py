@@ -156,7 +156,8 @@ def summary(s):
     line = (f"EM {s['exact_match']:.1f}  F1 {s['f1']:.1f}  has-answer F1 {s['has_answer_f1']:.1f}  "
             f"no-answer accuracy {s['no_answer_accuracy']:.1f}")
     if "invented" in s:
-        line += f"  answered {s['answered']}/{s['n']}, invented {s['invented']:.1f}%"
+        line += f"  answered {s['answered']}/{s['n']}"
+        line += f", invented {s['invented']:.1f}%" if s["answered"] else " (so none invented)"
     return line
 
 
