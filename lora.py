@@ -101,7 +101,12 @@ class LoRALinear(nn.Module):
                 raise RuntimeError("this LoRA layer is merged into its base weight, so A and B would get no "
                                    "gradient: call unmerge() before training (or model.eval() to run inference)")
             return y
-        h = self.lora_A(self.dropout(x.to(self.lora_A.weight.dtype)))  # (..., r)
+        # Without autocast the product needs x in A's dtype (fp32 A and B next to 16-bit base weights). Under
+        # autocast F.linear casts for us and runs A and B in 16 bits, as PEFT does: an fp32 copy of x here would
+        # be cast straight back, and kept for the backward pass, a full-size copy of every LoRA layer's input.
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.weight.dtype)
+        h = self.lora_A(self.dropout(x))                              # (..., r)
         return y + (self.lora_B(h) * self.scaling).to(y.dtype)         # (..., out)
 
     def delta_weight(self):

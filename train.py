@@ -108,9 +108,11 @@ def memory_estimate(model, n_trainable, cfg, act_bytes):
       activations  per layer about 34 * T * B * dim bytes (16-bit values) are kept for backward (attention scores are not stored:
                    SDPA recomputes them); gradient checkpointing keeps only each layer's input, 2 * T * B * dim,
                    plus one layer's full set while it is recomputed.
-      dropout      with lora_dropout > 0, every LoRA layer keeps its own dropped copy of its input (fp32, like A and B)
-                   and the dropout mask (1 byte on a GPU; a 4-byte float on a CPU): T * B * (sum of the LoRA layers'
-                   input widths) * (4 + mask) bytes; one layer's share with checkpointing.
+      lora_inputs  copies of their input that LoRA layers keep, T * B * (sum of the LoRA layers' input widths) * bytes:
+                   under autocast (16-bit on a GPU) the frozen layer's input is shared, and only dropout makes a copy
+                   (16-bit, plus a 1-byte mask); without autocast A and B are fp32, so next to 16-bit weights (bf16
+                   on a CPU) every LoRA layer keeps an fp32 copy of its input, and with dropout a dropped fp32 copy
+                   (plus the mask, a 4-byte float on a CPU). One layer's share with checkpointing.
     """
     a = model.args
     # Each storage once (a tied head is the embedding), trainable tensors excluded (they are the "lora" line).
@@ -122,11 +124,14 @@ def memory_estimate(model, n_trainable, cfg, act_bytes):
     acts = (a.n_layers * 2 * tokens * a.dim * act_bytes / 2 + per_layer) if cfg["gradient_checkpointing"] \
         else a.n_layers * per_layer
     lora_in = sum(m.lora_A.in_features for _, m in lora_layers(model))  # all layers' LoRA input widths, summed
-    mask = 1 if str(cfg["device"]).startswith("cuda") else 4
-    dropout = tokens * lora_in * (4 + mask) if cfg["lora_dropout"] > 0 else 0
+    on_gpu, dropout = str(cfg["device"]).startswith("cuda"), cfg["lora_dropout"] > 0
+    autocast = on_gpu and act_bytes == 2                         # train.py's rule, in main()
+    mask = (1 if on_gpu else 4) if dropout else 0
+    copy = (2 if dropout else 0) if autocast else (4 if dropout or act_bytes == 2 else 0)
+    lora_inputs = tokens * lora_in * (copy + mask)
     est = {"weights": weights, "lora": 4 * n_trainable, "gradients": 4 * n_trainable,
            "optimizer": 0 if cfg["optimizer"] == "paged_adamw" else 8 * n_trainable, "activations": acts,
-           "dropout": dropout / a.n_layers if cfg["gradient_checkpointing"] else dropout}
+           "lora_inputs": lora_inputs / a.n_layers if cfg["gradient_checkpointing"] else lora_inputs}
     est["total"] = sum(est.values())
     return est
 

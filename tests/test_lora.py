@@ -296,6 +296,47 @@ def test_bf16_base_with_fp32_lora_path():
     assert layer.lora_A.weight.grad.dtype == torch.float32 and base.weight.grad is None
 
 
+def saved_bytes_for_backward(fn, not_counted):
+    """Run fn and add up the storages autograd keeps for backward, each once, leaving out the given tensors'."""
+    skip, seen = {t.untyped_storage().data_ptr() for t in not_counted}, {}
+
+    def keep(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def test_autocast_runs_the_lora_path_in_16_bits_without_an_fp32_copy():
+    """Under autocast A and B compute in bf16 (as in PEFT); gradients stay within bf16 rounding of an fp64
+    reference and no full-size copy of the input is kept. Without autocast an fp32 copy is kept: memory_estimate's
+    lora_inputs counts it."""
+    torch.manual_seed(0)
+    base = nn.Linear(256, 128, bias=False).to(torch.bfloat16).requires_grad_(False)
+    layer = LoRALinear(base, r=8, alpha=16)
+    randomize_lora(layer)
+    x = torch.randn(4, 64, 256, dtype=torch.bfloat16)                       # (B, T, in)
+    g = torch.randn(4, 64, 128)                                              # d loss / d y
+    A, B = (w.detach().double().requires_grad_() for w in (layer.lora_A.weight, layer.lora_B.weight))
+    y_ref = x.double() @ base.weight.double().T + (x.double() @ A.T @ B.T) * layer.scaling
+    (y_ref * g.double()).sum().backward()
+    unit = 2.0 ** -8                                                         # bf16's unit roundoff
+    for autocast in (True, False):
+        layer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y, saved = saved_bytes_for_backward(lambda: layer(x), list(layer.parameters()) + [x])
+        (y.float() * g).sum().backward()
+        for w, ref in ((layer.lora_A.weight, A.grad), (layer.lora_B.weight, B.grad)):
+            assert w.grad.dtype == torch.float32
+            assert (w.grad.double() - ref).norm() / ref.norm() < 2 * unit   # measured 3.3e-3 autocast, 1.7e-3 not
+        if autocast:
+            assert saved < x.numel() * 2 / 8       # only the (B, T, r) activations and bf16 casts of A and B
+        else:
+            assert saved >= x.numel() * 4          # the fp32 copy of x that A needs
+
+
 def test_merge_lora_gives_plain_linears_with_the_same_logits():
     model = apply_lora(tiny(tie=True), r=4, targets="all-linear", modules_to_save=("embed_tokens",))
     randomize_lora(model)
