@@ -73,7 +73,7 @@ settings = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 
 from configurator import check_device, configure, resolve_dtype  # noqa: E402
 import data  # noqa: E402
-from evaluate import answer_questions, best_threshold, decide, score, summary, val_loss  # noqa: E402
+from evaluate import best_threshold, decide, read, score, summary, val_loss  # noqa: E402
 from lora import apply_lora, lora_layers, save_adapter, trainable_report  # noqa: E402
 from model import Llama  # noqa: E402
 from optim import PagedAdamW  # noqa: E402
@@ -136,6 +136,26 @@ def memory_estimate(model, n_trainable, cfg, act_bytes):
     return est
 
 
+def optimizer_step(opt, params, grad_clip, scaler=None):
+    """
+    One update, or none when a gradient is inf or NaN: the step is then skipped and its gradients dropped, as
+    torch.amp.GradScaler does, instead of writing inf/NaN into every trained weight. In fp16 the loss was
+    multiplied by the scaler's scale before backward (small gradients would flush to zero in fp16 otherwise):
+    unscale first, so clipping sees the true gradients. Returns whether the weights moved.
+    """
+    if scaler is not None:
+        scaler.unscale_(opt)
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))  # inf: no clipping
+    stepped = bool(torch.isfinite(norm))
+    if scaler is not None:
+        scaler.step(opt)   # skips by itself when unscale_ found inf/NaN...
+        scaler.update()    # ...and then halves the scale for the next step (it grows back after 2000 good ones)
+    elif stepped:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return stepped
+
+
 def gib(n):
     return f"{n / 2**30:.2f} GiB"
 
@@ -146,7 +166,7 @@ def peak_memory(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def save_checkpoint(out_dir, model, opt, cfg, base, pos, history):
+def save_checkpoint(out_dir, model, opt, cfg, base, pos, history, scaler=None):
     """
     One file holds everything a resume needs (trainable weights, optimizer, RNG, data position), written to a
     temporary name and renamed, so a crash mid-write never leaves a broken checkpoint. The adapter is also written
@@ -155,6 +175,7 @@ def save_checkpoint(out_dir, model, opt, cfg, base, pos, history):
     from convert import atomic_write
     state = {"trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
              "optimizer": opt.state_dict(), "pos": pos, "history": history, "config": cfg,
+             "scaler": scaler.state_dict() if scaler is not None else None,  # fp16's loss scale, plain numbers
              "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                      "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
     atomic_write(os.path.join(out_dir, STATE_FILE), lambda p: torch.save(state, p))
@@ -242,7 +263,13 @@ def main(argv=None):
         print(trainable_report(model))
     raw_model = model
     if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.startswith("cuda") else None)
+        # DDP broadcasts every parameter and buffer from rank 0 at start and watches them all: keep it to the trained
+        # ones. The frozen weights (4-bit bytes included; their scales are plain tensors DDP never sees) are the same
+        # on every rank by construction: each loads the same file and quantizes it the same deterministic way.
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+        DDP = torch.nn.parallel.DistributedDataParallel
+        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
+        model = DDP(model, device_ids=[device] if device.startswith("cuda") else None)
 
     # -- data -------------------------------------------------------------------------------------------------------
     train_files = cfg["train_data"] if isinstance(cfg["train_data"], (tuple, list)) else (cfg["train_data"],)
@@ -293,6 +320,11 @@ def main(argv=None):
 
     use_autocast = device.startswith("cuda") and ptdtype != torch.float32
     ctx = torch.autocast("cuda", dtype=ptdtype) if use_autocast else nullcontext()
+    # fp16 has 5 exponent bits: gradients below 6e-8 become 0. The scaler multiplies the loss so they stay
+    # representable and divides them back before the update; bf16 has fp32's range and needs none.
+    scaler = torch.amp.GradScaler(device.split(":")[0]) if ptdtype == torch.float16 else None
+    if scaler is not None and state is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     os.makedirs(cfg["out_dir"], exist_ok=True)
     if master:
         est = memory_estimate(raw_model, n_trainable, cfg, 2 if ptdtype != torch.float32 else 4)
@@ -304,20 +336,48 @@ def main(argv=None):
         wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg)
     eval_rows = val_rows[:cfg["eval_generate"]]
 
+    # -- evaluation, shared: under torchrun every process reads every world-th question (or example) and the results
+    # are gathered, so the GPUs split the work instead of waiting for rank 0 (NCCL's 10-minute timeout would kill
+    # them during a long evaluation) ---------------------------------------------------------------------------------
+    def read_all(rows, progress=False):
+        """Readings (evaluate.py: read) of all rows, in order, each process reading its share."""
+        mine = rows[rank::world]
+        mine = read(raw_model, tok, mine, cfg["max_seq_len"], cfg["max_new_tokens"],
+                    cfg["eval_batch_size"] or cfg["batch_size"], device, ctx, progress and master) if mine else []
+        if world == 1:
+            return mine
+        parts = [None] * world
+        dist.all_gather_object(parts, mine)
+        return [parts[i % world][i // world] for i in range(len(rows))]
+
+    def global_val_loss():
+        """Loss per answer token over the whole validation set: each process sums over its share."""
+        mine = val_ex[rank::world]
+        n = sum(len(answer) for _, answer in mine)
+        loss = val_loss(raw_model, mine, cfg, pad_id, ctx) if mine else 0.0
+        if world == 1:
+            return loss
+        t = torch.tensor([loss * n, n], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return (t[0] / t[1]).item()
+
     def answer_validation(when):
         """EM/F1 on the validation questions, abstaining above the null_diff threshold that is best on them
         (evaluate.py: best_threshold): the model's best use of its own scores, before and after alike."""
-        _, _, readings = answer_questions(raw_model, tok, eval_rows, cfg, ctx)
+        readings = read_all(eval_rows)
         golds = [r["answers"] for r in eval_rows]
         threshold = best_threshold(readings, golds)
         s = dict(score(decide(readings, threshold), golds, [r["context"] for r in eval_rows]), null_threshold=threshold)
-        print(f"{when} ({len(eval_rows)} validation questions, abstaining above null_diff {threshold:.2f}): {summary(s)}")
+        if master:
+            print(f"{when} ({len(eval_rows)} validation questions, abstaining above null_diff {threshold:.2f}): "
+                  f"{summary(s)}")
         return s
 
-    if master and state is None:  # the base model's numbers: what training has to beat
+    if state is None:  # the base model's numbers: what training has to beat
         if val_ex:
-            history["val"].append((0, val_loss(raw_model, val_ex, cfg, pad_id, ctx)))
-            print(f"before training: val loss {history['val'][0][1]:.4f}")
+            history["val"].append((0, global_val_loss()))
+            if master:
+                print(f"before training: val loss {history['val'][0][1]:.4f}")
         if eval_rows:
             history["before"] = answer_validation("before training")
 
@@ -359,20 +419,21 @@ def main(argv=None):
                     n = (targets != -100).sum()
                     # DDP averages gradients over processes; multiply by world so the result is the global sum
                     scaled = loss * n / n_tok * world
-                if not torch.isfinite(loss):
+                if not torch.isfinite(loss) and scaler is None:  # fp16 overflow is the scaler's to handle
                     fail(f"loss is {loss.item()} at step {it}. Stopped; the last good checkpoint is kept in "
                          f"{cfg['out_dir']}. Try a lower learning_rate (now {cfg['learning_rate']}) or grad_clip=1.0")
-                scaled.backward()
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 step_loss += scaled.item() / world
                 tokens_seen += idx.numel()
             if ddp:  # the loss printed is the global one
                 t = torch.tensor(step_loss, device=device)
                 dist.all_reduce(t)
                 step_loss = t.item()
-            if cfg["grad_clip"] > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"])
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            if not optimizer_step(opt, params, cfg["grad_clip"], scaler):
+                history["skipped"] = history.get("skipped", 0) + 1
+                if master:
+                    bar.write(f"step {it + 1}: a gradient is inf or NaN, update skipped"
+                              + (f" (fp16 loss scale now {scaler.get_scale():g})" if scaler is not None else ""))
             pos["iter"] += 1
             history["train"].append((pos["iter"], step_loss))
             if master:
@@ -384,30 +445,33 @@ def main(argv=None):
                     wandb.log({"train/loss": step_loss, "lr": lr, "tokens_per_s": tps}, step=pos["iter"])
             last = pos["iter"] == max_iters
             if pos["iter"] % cfg["eval_interval"] == 0 or last:
+                vl = global_val_loss() if val_ex else float("nan")
+                history["val"].append((pos["iter"], vl))
                 if master:
-                    vl = val_loss(raw_model, val_ex, cfg, pad_id, ctx) if val_ex else float("nan")
-                    history["val"].append((pos["iter"], vl))
                     bar.write(f"step {pos['iter']}: train loss {step_loss:.4f}, val loss {vl:.4f}")
                     if cfg["wandb_log"]:
                         wandb.log({"val/loss": vl}, step=pos["iter"])
-                    save_checkpoint(cfg["out_dir"], raw_model, opt, cfg, base, pos, history)
+                    save_checkpoint(cfg["out_dir"], raw_model, opt, cfg, base, pos, history, scaler)
                     plot_losses(history, os.path.join(cfg["out_dir"], "loss.png"))
                 if ddp:
                     dist.barrier()
     except KeyboardInterrupt:
         if master:  # parameters and optimizer are consistent between steps: keep the progress
             bar.write(f"interrupted: saving step {pos['iter']} to {cfg['out_dir']} (continue with --init_from=resume)")
-            save_checkpoint(cfg["out_dir"], raw_model, opt, cfg, base, pos, history)
+            save_checkpoint(cfg["out_dir"], raw_model, opt, cfg, base, pos, history, scaler)
         sys.exit(130)
     bar.close()
 
+    threshold, test = 0.0, None
+    if eval_rows:
+        history["after"] = answer_validation("after training")
+        threshold = history["after"]["null_threshold"]
+    if test_rows:  # answered once, with the threshold chosen above: nothing is tuned on these questions
+        readings = read_all(test_rows, progress=True)
+        preds = decide(readings, threshold)
+        test = score(preds, [r["answers"] for r in test_rows], [r["context"] for r in test_rows])
     if master:
-        threshold, test = 0.0, None
-        if eval_rows:
-            history["after"] = answer_validation("after training")
-            threshold = history["after"]["null_threshold"]
-        if test_rows:  # answered once, with the threshold chosen above: nothing is tuned on these questions
-            test, preds, readings = answer_questions(raw_model, tok, test_rows, cfg, ctx, threshold, progress=True)
+        if test_rows:
             always_empty = score([""] * len(test_rows), [r["answers"] for r in test_rows])["f1"]
             print(f"held-out test ({len(test_rows)} questions): {summary(test)}; "
                   f"always 'no answer': F1 {always_empty:.1f}")
@@ -417,7 +481,7 @@ def main(argv=None):
                     f.write(json.dumps({"id": row["id"], "answers": row["answers"], "prediction": pred,
                                         "null_diff": rd["null_diff"]}, ensure_ascii=False) + "\n")
         metrics = {"before": history["before"], "after": history["after"], "test": test,
-                   "null_threshold": threshold, "val_loss": history["val"],
+                   "null_threshold": threshold, "val_loss": history["val"], "skipped_steps": history.get("skipped", 0),
                    "train_loss_last": history["train"][-1][1] if history["train"] else None,
                    "peak_memory_bytes": peak_memory(device), "estimated_memory_bytes": est["total"]}
         with open(os.path.join(cfg["out_dir"], "metrics.json"), "w") as f:  # strict JSON: NaN (no such questions) -> null

@@ -1,5 +1,6 @@
 """train.py end to end: exact resume, clear failures, DDP = one process, and real learning on the bundled model."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -53,6 +54,52 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dir, tmp_path, monke
     state = torch.load(tmp_path / "nan" / train.STATE_FILE, weights_only=False)
     assert state["pos"]["iter"] == failed_at  # the checkpoint of the last finished step, not a poisoned one
     assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / "nan" / "adapter_model.safetensors")).values())
+
+
+def test_non_finite_gradients_skip_the_update():
+    """A gradient that is inf or NaN skips the step (as GradScaler does) instead of poisoning the weights."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3))
+    opt = torch.optim.AdamW([w], lr=0.1)
+    before = w.detach().clone()
+    w.grad = torch.tensor([[float("inf")] * 3] + [[0.0] * 3] * 3)
+    assert not train.optimizer_step(opt, [w], grad_clip=1.0)
+    assert torch.equal(w, before) and w.grad is None and not opt.state           # nothing moved, nothing counted
+    w.grad = torch.ones(4, 3)
+    assert train.optimizer_step(opt, [w], grad_clip=0.0)
+    assert not torch.equal(w, before) and opt.state[w]["step"] == 1
+
+
+def test_fp16_loss_scaling_unscales_before_clipping_and_skips_overflow():
+    """With the scaler, the update equals plain AdamW on the true (unscaled, clipped) gradients; an overflow is a
+    skipped step and a halved scale."""
+    torch.manual_seed(0)
+    w, ref = torch.nn.Parameter(torch.randn(8)), torch.nn.Parameter(torch.randn(8))
+    ref.data.copy_(w.data)
+    opt, opt_ref = torch.optim.AdamW([w], lr=0.1), torch.optim.AdamW([ref], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    x = torch.randn(8)
+    scaler.scale((w * x).sum() * 3).backward()                   # d/dw = 3x, stored times 1024
+    (ref * x).sum().mul(3).backward()
+    assert torch.allclose(w.grad, ref.grad * 2 ** 10)
+    assert train.optimizer_step(opt, [w], grad_clip=1.0, scaler=scaler)
+    assert train.optimizer_step(opt_ref, [ref], grad_clip=1.0)
+    assert torch.allclose(w, ref, atol=1e-7)                    # clipped to norm 1 after unscaling, as without fp16
+    scaler.scale((w * float("inf")).sum()).backward()
+    before = w.detach().clone()
+    assert not train.optimizer_step(opt, [w], grad_clip=1.0, scaler=scaler)
+    assert torch.equal(w, before) and scaler.get_scale() == 2.0 ** 9
+
+
+def test_float16_run_trains_with_a_loss_scale_and_resumes_with_it(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    out = run(tmp_path, "fp16", "--max_iters=2", "--dtype=float16", base=tiny_dir)
+    state = torch.load(os.path.join(out, train.STATE_FILE), weights_only=True)
+    assert state["scaler"]["scale"] > 0 and all(math.isfinite(l) for _, l in state["history"]["train"])
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["skipped_steps"] == state["history"].get("skipped", 0)
+    train.main([f"--out_dir={out}", "--init_from=resume", "--max_iters=3"])
+    assert torch.load(os.path.join(out, train.STATE_FILE), weights_only=True)["pos"]["iter"] == 3
 
 
 def test_unknown_config_key_names_the_closest(capsys):
@@ -109,9 +156,11 @@ def first_step_gradients(out):
 
 
 def test_ddp_two_processes_equal_one_process(tiny_dir, tmp_path):
-    """2 processes x batch 2 (gloo, CPU) and 1 process x batch 4 see the same global batch: same gradient."""
-    common = ["config/quickstart.py", f"--init_from={tiny_dir}", "--max_seq_len=320", "--eval_generate=0",
-              "--val_data=", "--test_data=", "--dtype=float32",
+    """2 processes x batch 2 (gloo, CPU) and 1 process x batch 4 see the same global batch: same gradient. The two
+    processes share the evaluation (each reads half the questions): the same scores as one process alone."""
+    common = ["config/quickstart.py", f"--init_from={tiny_dir}", "--max_seq_len=320", "--eval_generate=5",
+              "--max_new_tokens=3", "--test_data=data/persian_qa_heldout.jsonl", "--test_limit=3",
+              "--val_data=", "--dtype=float32",
               "--max_iters=1", "--eval_interval=1", "--lora_dropout=0.0", "--grad_clip=0.0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "train.py", *common, "--batch_size=4", f"--out_dir={tmp_path / 'one'}"],
@@ -131,6 +180,16 @@ def test_ddp_two_processes_equal_one_process(tiny_dir, tmp_path):
         torch.testing.assert_close(gb[k], ga[k], atol=1e-5 * ga[k].abs().max().item(), rtol=0)
     (_, la), (_, lb) = sa["history"]["train"][0], sb["history"]["train"][0]
     assert la == pytest.approx(lb, rel=1e-6)  # the global loss, summed in another order too
+    ma, mb = (json.load(open(tmp_path / run / "metrics.json")) for run in ("one", "two"))
+    for when in ("before", "after", "test"):
+        for k in ("exact_match", "f1", "answered"):
+            assert ma[when][k] == mb[when][k], (when, k)
+    assert ma["null_threshold"] == pytest.approx(mb["null_threshold"], abs=1e-4)
+    pa, pb = ([json.loads(l) for l in open(tmp_path / run / "test_predictions.jsonl")] for run in ("one", "two"))
+    assert [(p["id"], p["prediction"]) for p in pa] == [(p["id"], p["prediction"]) for p in pb]
+    assert [p["null_diff"] for p in pb] == pytest.approx([p["null_diff"] for p in pa], abs=1e-4)  # gathered in order
+    for (sa_, va), (sb_, vb) in zip(ma["val_loss"], mb["val_loss"]):
+        assert sa_ == sb_ and va == pytest.approx(vb, rel=1e-5)  # per-token mean from two partial sums
 
 
 @pytest.mark.slow
