@@ -2,7 +2,7 @@
 Fine-tune a LLaMA with LoRA or QLoRA on question answering.
 
     python train.py config/quickstart.py                 # bundled SmolLM2, bundled Persian sample, CPU, minutes
-    python train.py config/persian_qa.py                 # Llama 2 7B chat, QLoRA, one 24 GB GPU
+    python train.py config/persian_qa.py                 # Llama 2 7B chat, QLoRA, one 12 GB GPU
     python train.py config/quickstart.py --init_from=resume   # continue a run exactly where it stopped
     torchrun --nproc_per_node=4 train.py config/persian_qa.py  # several GPUs: data parallel
 

@@ -104,3 +104,15 @@ def test_missing_checkpoint_says_what_to_do(tmp_path):
     proc = run_bench("generate.py", "--smoke", "--checkpoint", str(tmp_path / "nowhere"))
     assert proc.returncode != 0
     assert "python prepare.py" in proc.stderr
+
+
+def test_gpu_check_runs_the_7b_recipe_at_tiny_size():
+    """bench/gpu_check.py: the same loading path, step and decoding as on a GPU, on a tiny model on the CPU."""
+    proc = run_bench("gpu_check.py", "--shape=tiny", "--device=cpu", "--seq-len=64", "--decode-tokens=4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "LoRA r=32 on all-linear, dropout 0.1, checkpointing True, paged_adamw" in out  # config/persian_qa.py's
+    losses = [float(m) for m in re.findall(r"^step \d: loss ([0-9.]+)", out, re.M)]
+    assert len(losses) == 3 and all(5.0 < l < 6.0 for l in losses)   # random weights: about ln(256) = 5.55
+    assert re.search(r"^speed: [0-9.]+ s/step, \d+ tokens/s", out, re.M)
+    assert re.search(r"^decoding: [0-9.]+ ms/token \(batch 1, 4 tokens\)", out, re.M)

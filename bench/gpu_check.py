@@ -1,0 +1,155 @@
+"""
+Does config/persian_qa.py fit on your GPU, and how fast is it? One command, no 7B download:
+
+    python bench/gpu_check.py                  # Llama 2 7B's shapes, random weights, on the GPU
+    python bench/gpu_check.py --shape=tiny     # the same code on a tiny model (CPU is fine): what the tests run
+
+It builds a model of Llama 2 7B's shapes through the real loading path (convert.py: load_state_one_by_one, each
+linear layer quantized to NF4 as its tensor arrives, so 16-bit weights never pile up), then trains it the way
+config/persian_qa.py does: LoRA r=32 on every linear layer, dropout 0.1, gradient checkpointing, paged AdamW, bf16
+autocast, micro-batches of 4 x 1,024 tokens, the loss on the last 64 tokens of each (the answer). It prints:
+  - memory after loading (allocated on the GPU; resident set on a CPU), next to train.py's weights estimate;
+  - peak allocated and reserved memory over the training steps, next to train.py's memory_estimate total;
+  - seconds per step and tokens per second (the first step, with its one-off costs, is not timed);
+  - decoding: milliseconds per token of a batch-1 greedy generation from the 4-bit model.
+The weights are random, so the loss means nothing; the memory and the speed are those of the real run.
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # first, even if already there: "import train" is the root's train.py, not bench/train.py
+
+import train  # noqa: E402  (memory_estimate, optimizer_step: the numbers and the step train.py uses)
+from configurator import configure  # noqa: E402
+from convert import expected_shape, load_state_one_by_one  # noqa: E402
+from lora import apply_lora  # noqa: E402
+from model import Llama, ModelArgs  # noqa: E402
+from optim import PagedAdamW  # noqa: E402
+
+SHAPES = {
+    # Llama 2 7B: 32 layers, width 4,096, 32 heads (no grouped-query attention at 7B), MLP 11,008, vocab 32,000
+    "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, hidden_dim=11008, vocab_size=32000),
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160, vocab_size=256),
+}
+
+
+ANSWER_TOKENS = 64  # per sequence: the answer span and its end-of-turn token, longer than most PersianQA answers
+
+
+def gib(n):
+    return f"{n / 2**30:.2f} GiB"
+
+
+def memory_now(device):
+    if device.startswith("cuda"):
+        return torch.cuda.memory_allocated(device)
+    return train.peak_memory(device)  # on a CPU: the process's peak resident set, all it can tell
+
+
+def random_tensors(args, device, dtype):
+    """(key, tensor) pairs in checkpoint order, as convert.py's readers yield them: made on the device, one at a
+    time, so the model never holds more than one 16-bit matrix before it is quantized."""
+    with torch.device("meta"):
+        keys = list(Llama(args).state_dict())
+    g = torch.Generator(device=device).manual_seed(0)
+    for key in keys:
+        if key.startswith("rope_") or (args.tie_embeddings and key == "lm_head.weight"):
+            continue
+        shape = expected_shape(key, args)
+        if key.endswith("norm.weight"):
+            yield key, torch.ones(shape, dtype=dtype, device=device)
+        else:  # the scale of trained Llama weights: std about 0.02
+            yield key, torch.randn(shape, generator=g, dtype=dtype, device=device) * 0.02
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="7b", choices=sorted(SHAPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=3, help="training steps; the first is not timed")
+    p.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (0: config/persian_qa.py's)")
+    p.add_argument("--decode-tokens", type=int, default=32)
+    a = p.parse_args(argv)
+    cfg = configure(train.settings, [os.path.join(ROOT, "config", "persian_qa.py"), f"--device={a.device}"])
+    if a.seq_len:
+        cfg["max_seq_len"] = a.seq_len
+    device, on_gpu = a.device, a.device.startswith("cuda")
+    if on_gpu and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but torch sees no CUDA GPU; use --shape=tiny --device=cpu")
+    dtype = torch.bfloat16 if on_gpu else torch.float32  # bf16 on a CPU without native support would crawl
+    args = ModelArgs(**SHAPES[a.shape], max_seq_len=cfg["max_seq_len"] + a.decode_tokens + 8)
+    print(f"{a.shape} shapes on {device}, {dtype}: micro-batch {cfg['batch_size']} x {cfg['max_seq_len']} tokens, "
+          f"LoRA r={cfg['lora_r']} on {cfg['lora_targets']}, dropout {cfg['lora_dropout']}, "
+          f"checkpointing {cfg['gradient_checkpointing']}, {cfg['optimizer']}")
+
+    # -- load: the real quantize-while-loading path --------------------------------------------------------------
+    t0 = time.time()
+    model = load_state_one_by_one(Llama, args, random_tensors(args, device, dtype), dtype, device, quantize="nf4")
+    apply_lora(model, r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
+               targets=cfg["lora_targets"])
+    model.gradient_checkpointing = cfg["gradient_checkpointing"]
+    params = [q for q in model.parameters() if q.requires_grad]
+    n_trainable = sum(q.numel() for q in params)
+    est = train.memory_estimate(model, n_trainable, cfg, 2 if dtype != torch.float32 else 4)
+    loaded = memory_now(device)
+    print(f"loaded in {time.time() - t0:.1f} s: {gib(loaded)} {'allocated' if on_gpu else 'resident (process)'}; "
+          f"estimate: weights {gib(est['weights'])} + LoRA {gib(est['lora'])}")
+
+    # -- train: train.py's step, on random tokens -------------------------------------------------------------------
+    opt = PagedAdamW(params, lr=cfg["learning_rate"], weight_decay=cfg["weight_decay"])
+    ctx = torch.autocast("cuda", dtype=dtype) if on_gpu else torch.autocast("cpu", enabled=False)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    B, T = cfg["batch_size"], cfg["max_seq_len"]
+    g = torch.Generator().manual_seed(1)
+    times = []
+    model.train()
+    for step in range(a.steps):
+        idx = torch.randint(args.vocab_size, (B, T), generator=g).to(device)            # (B, T)
+        targets = torch.randint(args.vocab_size, (B, T), generator=g)                   # (B, T)
+        targets[:, :-ANSWER_TOKENS] = -100  # answer-only loss, as in QA: the logits of the answers only
+        targets = targets.to(device)
+        if on_gpu:
+            torch.cuda.synchronize(device)
+        t = time.time()
+        with ctx:
+            _, loss = model(idx, targets)
+        loss.backward()
+        train.optimizer_step(opt, params, cfg["grad_clip"])
+        if on_gpu:
+            torch.cuda.synchronize(device)
+        times.append(time.time() - t)
+        print(f"step {step + 1}: loss {loss.item():.3f}, {times[-1]:.2f} s")
+    timed = times[1:] or times
+    s_step = sum(timed) / len(timed)
+    if on_gpu:
+        peak, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+        print(f"training: peak allocated {gib(peak)}, reserved {gib(reserved)}; estimate {gib(est['total'])}")
+    else:
+        print(f"training: peak resident {gib(train.peak_memory(device))} (the whole process); "
+              f"estimate {gib(est['total'])}")
+    print(f"speed: {s_step:.2f} s/step, {B * T / s_step:.0f} tokens/s per micro-batch of {B} x {T}")
+
+    # -- decode: batch 1, greedy, from the 4-bit model ----------------------------------------------------------------
+    model.eval()
+    prompt = torch.randint(args.vocab_size, (1, 16), generator=g).to(device)
+    with torch.no_grad(), ctx:
+        for _ in model.generate(prompt, 2, temperature=0):  # warm-up: kernels compiled, cache allocated
+            pass
+        if on_gpu:
+            torch.cuda.synchronize(device)
+        t = time.time()
+        n = sum(1 for _ in model.generate(prompt, a.decode_tokens, temperature=0))
+        if on_gpu:
+            torch.cuda.synchronize(device)
+    print(f"decoding: {1000 * (time.time() - t) / n:.1f} ms/token (batch 1, {n} tokens)")
+
+
+if __name__ == "__main__":
+    main()
