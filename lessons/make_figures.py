@@ -109,10 +109,12 @@ def lora_shapes(path):
     ax.text(k + 18, d / 2, "x", fontsize=16, ha="center", va="center")
     box(k + 22, d - r, k, r, "#92c5de", "")
     ax.text(k + 22 + k / 2, d - r - 2, "A   r x k   random init", ha="center", va="top", fontsize=9)
-    ax.text(k + 22 + k / 2, d / 2 - 10,
-            "h = W0 x + (alpha / r) B A x\n\nd = 4096, k = 4096, r = 8:\n"
-            f"W0 {4096 * 4096:,} weights (frozen)\nB + A {8 * (4096 + 4096):,} weights (trained, 0.39%)",
-            ha="center", va="center", fontsize=9)
+    ax.text(k + 22, d / 2 - 6,
+            "h = W0 x + (alpha / r) B A x\n\n"
+            f"drawn: d = {d}, k = {k}, r = {r}\nB + A: {r * (d + k)} weights, {100 * r * (d + k) / (d * k):.0f}% of W0\n\n"
+            "Llama 2 7B's q_proj: d = k = 4096, r = 8\n"
+            f"B + A: {8 * (4096 + 4096):,} weights, {100 * 8 * 8192 / 4096 ** 2:.2f}% of W0",
+            ha="left", va="center", fontsize=9)
     ax.set_xlim(-2, 2 * k + 26)
     ax.set_ylim(-16, d + 4)
     ax.set_aspect("equal")
