@@ -161,14 +161,18 @@ def _absmax_fp32(state):
     return state.nested_code[state.absmax.long()] * scale + state.offset                          # (n_blocks,)
 
 
+def _byte_pairs(code):
+    """Each of the 256 byte values stands for two weights (high nibble first). Stored as one 8-byte word per byte
+    value, the pair is unpacked by a single gather: no shifts, no masks, no interleaving pass."""
+    byte_values = torch.arange(256, device=code.device)
+    pairs = torch.stack([code[byte_values >> 4], code[byte_values & 15]], dim=1)  # (256, 2) fp32
+    return pairs.view(torch.int64).view(-1)                                # (256,) the same bytes, one word each
+
+
 def _dequantize_torch(packed, state, dtype):
     n, bs = state.shape.numel(), state.blocksize
     absmax = _absmax_fp32(state)                                           # (n_blocks,)
-    # Each of the 256 byte values stands for two weights (high nibble first). Stored as one 8-byte word per byte
-    # value, the pair is unpacked by a single gather: no shifts, no masks, no interleaving pass.
-    byte_values = torch.arange(256, device=packed.device)
-    pairs = torch.stack([state.code[byte_values >> 4], state.code[byte_values & 15]], dim=1)  # (256, 2) fp32
-    pairs = pairs.view(torch.int64).view(-1)                               # (256,) the same bytes, one word each
+    pairs = _byte_pairs(state.code)                                        # (256,)
     flat = packed.view(-1)                                                 # ((n + 1) // 2,)
     out = torch.empty(n, dtype=dtype, device=packed.device)
     for start in range(0, n, CHUNK):
@@ -217,20 +221,21 @@ def _need_triton():
 
 
 def _matvec_torch(x, packed, state, bias=None):
-    (M, K), N = x.shape, state.shape[0]
+    (M, K), N, bs = x.shape, state.shape[0], state.blocksize
     absmax = _absmax_fp32(state)                                           # (n_blocks,)
+    pairs, flat = _byte_pairs(state.code), packed.view(-1)                 # (256,), ((n + 1) // 2,)
     xf = x.float()                                                         # (M, K)
     y = torch.empty(M, N, dtype=torch.float32, device=x.device)            # (M, N)
     rows = max(1, CHUNK // K)                                              # rows of W rebuilt at a time
     for r0 in range(0, N, rows):
         r1 = min(r0 + rows, N)
-        # W[n, k] is value f = n * K + k of the flat weight: byte f // 2 (high nibble if f is even), block f // bs.
-        # A row can start mid-byte (K odd) and a block can span rows (K not a multiple of bs).
-        f = torch.arange(r0 * K, r1 * K, device=x.device)                  # (L,)
-        byte = packed.view(-1)[f // 2].long()                              # (L,)
-        nibble = (byte >> (4 - 4 * (f % 2))) & 15                          # (L,)
-        w = (state.code[nibble] * absmax[f // state.blocksize]).to(x.dtype)  # (L,) as dequantize_nf4 makes it
-        y[:, r0:r1] = xf @ w.float().view(r1 - r0, K).T                    # (M, K) @ (K, rows) in fp32
+        # Rows r0..r1 are values a..b of the flat weight. a can be odd (K odd: the row starts in a byte's low
+        # nibble) and need not start a block (K not a multiple of bs: blocks span rows), hence the offsets.
+        a, b = r0 * K, r1 * K
+        w = pairs.index_select(0, flat[a // 2:(b + 1) // 2].long()).view(torch.float32)[a % 2:a % 2 + b - a]
+        scale = absmax[a // bs:(b - 1) // bs + 1].repeat_interleave(bs)[a % bs:a % bs + b - a]  # (L,)
+        w = (w * scale).to(x.dtype).float().view(r1 - r0, K)               # (rows, K) as dequantize_nf4 rounds it
+        y[:, r0:r1] = xf @ w.T                                             # (M, K) @ (K, rows) in fp32
     if bias is not None:
         y += bias.float()                                                  # (M, N)
     return y.to(x.dtype)

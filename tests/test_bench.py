@@ -76,6 +76,16 @@ def test_dequant_smoke():
     check_line(lines["dequant_torch_vs_copy"], "GB/s moved")
 
 
+def test_dequant_decode_smoke():
+    proc = run_bench("dequant.py", "--decode", "--smoke", "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    diff = float(re.search(r"largest difference ([0-9.e+-]+) of max", proc.stdout).group(1))
+    assert diff < 1e-5  # fp32 on both sides: the fused path's twin and dequantize-then-matmul sum in other orders
+    lines = summaries(proc.stdout)
+    assert set(lines) == {"decode_twin_vs_dequant_matmul"}
+    check_line(lines["decode_twin_vs_dequant_matmul"], "tok/s")
+
+
 def test_train_smoke(tiny_checkpoint):
     # answer-only loss: the harder case to get equal on both sides (the mask must cover the same positions)
     proc = run_bench("train.py", "--smoke", "--checkpoint", tiny_checkpoint, "--loss", "answer")
