@@ -66,6 +66,15 @@ def test_generate_smoke(tiny_checkpoint):
     check_line(lines["generate_tokens_per_s"], "tok/s")
 
 
+def test_generate_nf4_smoke(tiny_checkpoint):
+    proc = run_bench("generate.py", "--smoke", "--checkpoint", tiny_checkpoint, "--quantize", "nf4")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "linear layers nf4" in proc.stdout and "greedy tokens: " in proc.stdout
+    lines = summaries(proc.stdout)
+    assert set(lines) == {"generate_nf4_tokens_per_s"}
+    check_line(lines["generate_nf4_tokens_per_s"], "tok/s")
+
+
 def test_dequant_smoke():
     proc = run_bench("dequant.py", "--smoke", "--device", "cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr
