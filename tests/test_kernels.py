@@ -194,6 +194,7 @@ def test_generation_with_fused_kernel_interpreted():
 def test_compiled_fused_kernel_matches_twin_at_7b_size(double_quant):
     pytest.importorskip("triton")
     device = f"cuda:{torch.cuda.device_count() - 1}"  # the last GPU: kernels must launch where the tensors are
+    current = torch.cuda.current_device()
     for shape in [(4096, 11008), (11008, 4096)]:      # down_proj and gate/up_proj of Llama 7B
         for rows in (1, 8):
             for dtype in (torch.bfloat16, torch.float32):
@@ -205,6 +206,7 @@ def test_compiled_fused_kernel_matches_twin_at_7b_size(double_quant):
                 exact, bound = error_bound(x.cpu(), w.cpu(), bias.cpu(), dtype)
                 assert ((fused.cpu().double() - exact).abs() <= bound).all(), (shape, rows, dtype)
                 assert ((twin.cpu().double() - exact).abs() <= bound).all(), (shape, rows, dtype)
+    assert torch.cuda.current_device() == current  # kernels.on_device switched the device only for the launch
 
 
 @pytest.mark.cuda
