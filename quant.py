@@ -10,6 +10,9 @@ QLoRA fine-tunes a model whose frozen weights are stored in 4 bits but multiplie
    themselves to 8 bits (in blocks of 256, with one fp32 scale each) cuts this to about 0.127 bits.
 3. Compute in 16 bits: a matmul never sees the 4-bit codes. The weight is rebuilt (dequantized) in bf16 right
    before the matmul, in the forward pass and again in the backward pass, and thrown away after each.
+   Decoding (a few rows of x, no gradient) never builds the whole W on a GPU: kernels.py's fused kernel rebuilds
+   one tile at a time in registers and multiplies it at once (`matvec_nf4`), because decoding time is the time
+   it takes to move the weight's bytes, and a 16-bit W written out and read back is 8x the 4-bit bytes.
 
 Everything here is byte-compatible with bitsandbytes (what `*-bnb-4bit` checkpoints on the Hub contain), so a
 layer can be loaded from, and saved to, its state dict format. bitsandbytes itself is used only by the tests.
@@ -22,11 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-try:  # the Triton kernel is optional: without triton (or without a GPU) the pure-torch twin does the work
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+import kernels  # the Triton kernels; optional: without triton (kernels.triton is None) the torch twins do the work
 
 # -----------------------------------------------------------------------------
 # The two code tables
@@ -149,7 +148,8 @@ def bits_per_param(packed, state):
 
 
 # -----------------------------------------------------------------------------
-# Dequantization: a pure-torch version and a Triton kernel that compute the same bits in the same order:
+# Dequantization: a pure-torch version here and a Triton kernel in kernels.py that compute the same bits in the
+# same order:
 #   absmax = nested_code[q] * nested_absmax + offset   (fp32; just absmax without double quant)
 #   w      = NF4[nibble] * absmax                       (fp32), then one rounding to the output dtype
 
@@ -161,14 +161,18 @@ def _absmax_fp32(state):
     return state.nested_code[state.absmax.long()] * scale + state.offset                          # (n_blocks,)
 
 
+def _byte_pairs(code):
+    """Each of the 256 byte values stands for two weights (high nibble first). Stored as one 8-byte word per byte
+    value, the pair is unpacked by a single gather: no shifts, no masks, no interleaving pass."""
+    byte_values = torch.arange(256, device=code.device)
+    pairs = torch.stack([code[byte_values >> 4], code[byte_values & 15]], dim=1)  # (256, 2) fp32
+    return pairs.view(torch.int64).view(-1)                                # (256,) the same bytes, one word each
+
+
 def _dequantize_torch(packed, state, dtype):
     n, bs = state.shape.numel(), state.blocksize
     absmax = _absmax_fp32(state)                                           # (n_blocks,)
-    # Each of the 256 byte values stands for two weights (high nibble first). Stored as one 8-byte word per byte
-    # value, the pair is unpacked by a single gather: no shifts, no masks, no interleaving pass.
-    byte_values = torch.arange(256, device=packed.device)
-    pairs = torch.stack([state.code[byte_values >> 4], state.code[byte_values & 15]], dim=1)  # (256, 2) fp32
-    pairs = pairs.view(torch.int64).view(-1)                               # (256,) the same bytes, one word each
+    pairs = _byte_pairs(state.code)                                        # (256,)
     flat = packed.view(-1)                                                 # ((n + 1) // 2,)
     out = torch.empty(n, dtype=dtype, device=packed.device)
     for start in range(0, n, CHUNK):
@@ -184,50 +188,6 @@ def _dequantize_torch(packed, state, dtype):
     return out.view(state.shape)
 
 
-if triton is not None:
-    @triton.jit
-    def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, out_ptr, n,
-                            BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                            OUT_BF16: tl.constexpr, BYTES: tl.constexpr):
-        # One program turns BYTES packed bytes into 2 * BYTES weights.
-        byte = tl.program_id(0) * BYTES + tl.arange(0, BYTES)                 # (BYTES,)
-        valid = byte < (n + 1) // 2
-        packed = tl.load(packed_ptr + byte, mask=valid, other=0).to(tl.int32)  # (BYTES,)
-        block = (2 * byte) // BLOCKSIZE            # both nibbles of a byte are in one block (blocksize is even)
-        if NESTED:
-            q = tl.load(absmax_ptr + block, mask=valid, other=0).to(tl.int32)
-            absmax2 = tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=valid, other=0.0)
-            absmax = tl.load(code2_ptr + q) * absmax2 + offset                 # (BYTES,) fp32
-        else:
-            absmax = tl.load(absmax_ptr + block, mask=valid, other=0.0)
-        first = tl.load(code_ptr + (packed >> 4)) * absmax                     # (BYTES,) fp32, high nibbles
-        second = tl.load(code_ptr + (packed & 15)) * absmax                    # (BYTES,) fp32, low nibbles
-        w = tl.interleave(first, second)                                       # (2 * BYTES,) in memory order
-        if OUT_BF16:
-            # Round to nearest even by hand. A GPU does this for .to(tl.bfloat16) too, but Triton's CPU
-            # interpreter truncates, and the tests compare the two paths bit for bit.
-            bits = w.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            w = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        else:
-            w = w.to(out_ptr.dtype.element_ty)
-        idx = tl.program_id(0) * 2 * BYTES + tl.arange(0, 2 * BYTES)           # (2 * BYTES,)
-        tl.store(out_ptr + idx, w, mask=idx < n)
-
-
-def _dequantize_triton(packed, state, dtype):
-    n, bytes_per_program = state.shape.numel(), 1024
-    out = torch.empty(state.shape, dtype=dtype, device=packed.device)
-    nested = state.double_quant  # without double quant the nested pointers are unused: pass any tensor
-    _nf4_dequant_kernel[(triton.cdiv((n + 1) // 2, bytes_per_program),)](
-        packed, state.absmax, state.code, state.nested_absmax if nested else state.absmax,
-        state.nested_code if nested else state.code, state.offset, out, n,
-        BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.nested_blocksize, NESTED=nested,
-        OUT_BF16=dtype == torch.bfloat16, BYTES=bytes_per_program,
-        enable_fp_fusion=False)  # no fused multiply-add: round after the multiply, exactly like torch
-    return out
-
-
 def dequantize_nf4(packed, state, dtype=None, backend=None):
     """Rebuild the weight (state.shape) in `dtype` (default: the dtype it was quantized from).
 
@@ -240,14 +200,71 @@ def dequantize_nf4(packed, state, dtype=None, backend=None):
     if packed.numel() != (state.shape.numel() + 1) // 2:
         raise ValueError(f"{packed.numel()} packed bytes do not hold a weight of shape {tuple(state.shape)}")
     if backend is None:
-        backend = "triton" if packed.is_cuda and triton is not None else "torch"
+        backend = "triton" if packed.is_cuda and kernels.triton is not None else "torch"
     if backend == "torch":
         return _dequantize_torch(packed, state, dtype)
     if backend != "triton":
         raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
-    if triton is None:
+    _need_triton()
+    return kernels.dequantize_triton(packed, state, dtype)
+
+
+def _need_triton():
+    if kernels.triton is None:
         raise RuntimeError("backend='triton' needs the triton package (pip install triton); or use backend='torch'")
-    return _dequantize_triton(packed, state, dtype)
+
+
+# -----------------------------------------------------------------------------
+# The 4-bit matrix-vector product for decoding: y = x @ W.T (+ b) for a few rows of x, never building all of W.
+# The Triton kernel (kernels.py) rebuilds a tile of W in registers; this twin rebuilds a few rows at a time. Both
+# round each weight to x's dtype exactly as dequantization does, multiply and sum in fp32, and round y once.
+
+
+def _matvec_torch(x, packed, state, bias=None):
+    (M, K), N, bs = x.shape, state.shape[0], state.blocksize
+    absmax = _absmax_fp32(state)                                           # (n_blocks,)
+    pairs, flat = _byte_pairs(state.code), packed.view(-1)                 # (256,), ((n + 1) // 2,)
+    xf = x.float()                                                         # (M, K)
+    y = torch.empty(M, N, dtype=torch.float32, device=x.device)            # (M, N)
+    rows = max(1, CHUNK // K)                                              # rows of W rebuilt at a time
+    for r0 in range(0, N, rows):
+        r1 = min(r0 + rows, N)
+        # Rows r0..r1 are values a..b of the flat weight. a can be odd (K odd: the row starts in a byte's low
+        # nibble) and need not start a block (K not a multiple of bs: blocks span rows), hence the offsets.
+        a, b = r0 * K, r1 * K
+        w = pairs.index_select(0, flat[a // 2:(b + 1) // 2].long()).view(torch.float32)[a % 2:a % 2 + b - a]
+        scale = absmax[a // bs:(b - 1) // bs + 1].repeat_interleave(bs)[a % bs:a % bs + b - a]  # (L,)
+        w = (w * scale).to(x.dtype).float().view(r1 - r0, K)               # (rows, K) as dequantize_nf4 rounds it
+        y[:, r0:r1] = xf @ w.T                                             # (M, K) @ (K, rows) in fp32
+    if bias is not None:
+        y += bias.float()                                                  # (M, N)
+    return y.to(x.dtype)
+
+
+def matvec_nf4(x, packed, state, bias=None, backend=None):
+    """x @ W.T (+ bias) for x of shape (..., in_features), W = the NF4 weight, without writing W out in 16 bits.
+
+    Made for decoding (a few rows of x). Weights are rounded to x.dtype as dequantize_nf4 would, products and
+    sums are fp32, and y (in x.dtype) is rounded once. backend: "triton" (the fused kernel, at most
+    kernels.MATVEC_MAX_ROWS rows), "torch" (the twin), or None for triton on CUDA and torch otherwise.
+    """
+    if x.dtype not in DTYPES:
+        raise TypeError(f"x must be float32/bfloat16/float16, got {x.dtype}")
+    if len(state.shape) != 2 or x.shape[-1] != state.shape[1]:
+        raise ValueError(f"x of shape {tuple(x.shape)} does not multiply a weight of shape {tuple(state.shape)}")
+    x2 = x.reshape(-1, x.shape[-1])                                        # (M, K)
+    if backend is None:
+        backend = "triton" if x.is_cuda and kernels.triton is not None else "torch"
+    if backend == "torch":
+        y = _matvec_torch(x2, packed, state, bias)
+    elif backend == "triton":
+        _need_triton()
+        if x2.shape[0] > kernels.MATVEC_MAX_ROWS:
+            raise ValueError(f"the fused kernel takes at most {kernels.MATVEC_MAX_ROWS} rows, got {x2.shape[0]}")
+        y = kernels.matvec_triton(x2, packed, state, bias)
+    else:
+        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    return y.view(*x.shape[:-1], state.shape[0])                           # (..., out_features)
 
 
 # -----------------------------------------------------------------------------
@@ -299,7 +316,7 @@ class _NF4Linear(torch.autograd.Function):
     """y = x @ W.T + b, with W rebuilt from 4 bits in forward and rebuilt AGAIN in backward.
 
     Only the packed bytes are saved for backward, never the 16-bit W: keeping W alive between the two passes
-    would cost 4x the memory the 4-bit storage saves.
+    would cost about 4x the 4-bit storage itself, 1.35x what quantizing saved (16 bits against 16 - 4.127).
     """
 
     @staticmethod
@@ -319,6 +336,17 @@ class _NF4Linear(torch.autograd.Function):
         if ctx.needs_input_grad[3]:  # the bias is frozen unless someone unfreezes it
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)  # (out,)
         return grad_x, None, None, grad_bias
+
+
+FUSED_DEVICES = ("cuda",)  # where Linear4bit runs the fused kernel (on CPU Triton only interprets: for tests)
+
+
+def _use_fused(x, packed, bias):
+    """Decoding: few rows, nothing to differentiate, a GPU and triton. Else dequantize, then cuBLAS's matmul."""
+    rows = x.numel() // max(1, x.shape[-1])
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
+    return (packed.device.type in FUSED_DEVICES and kernels.triton is not None
+            and rows <= kernels.MATVEC_MAX_ROWS and not needs_grad)
 
 
 def _frozen(t):
@@ -370,7 +398,10 @@ class Linear4bit(nn.Module):
 
     def forward(self, x):
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        return _NF4Linear.apply(x.to(self.compute_dtype), self.weight, self.quant_state, bias)
+        x = x.to(self.compute_dtype)                               # (..., in)
+        if _use_fused(x, self.weight, bias):
+            return matvec_nf4(x, self.weight, self.quant_state, bias, backend="triton")  # (..., out)
+        return _NF4Linear.apply(x, self.weight, self.quant_state, bias)                  # (..., out)
 
     def dequantize(self, dtype=None):
         """The dense (out, in) weight, in `dtype` (default: the dtype it was quantized from). Used by LoRA merge."""

@@ -3,6 +3,7 @@ NF4 dequantization throughput: the step QLoRA runs twice per linear layer per tr
 
     python bench/dequant.py                   # a 4096 x 4096 weight (a Llama-7B attention projection)
     python bench/dequant.py --smoke           # a small weight, to check that it runs
+    python bench/dequant.py --decode          # 4-bit decoding: fused kernel vs dequantize-then-matmul, 7B layers
 
 One weight is quantized once by quant.quantize_nf4 (NF4, blocks of 64, double quantization). The reference is
 given those very bytes as a bitsandbytes QuantState, so both sides turn identical input into (bit for bit, the
@@ -17,11 +18,21 @@ Two units:
                  second. The copy reads and writes half that total each, into a new tensor as dequantization
                  does, so "ratio" in a *_vs_copy line is the fraction of the copy's bandwidth the
                  dequantization reaches.
+
+--decode times what one decoding step does with a 4-bit model: every linear layer of a stack of Llama-7B-shaped
+layers (q, k, v, o: dim x dim; gate, up: hidden x dim; down: dim x hidden) multiplies one token per sequence.
+  CUDA: quant.matvec_nf4 (the fused Triton kernel: W never written in 16 bits) vs dequantize_nf4 + F.linear;
+  CPU:  the fused kernel's torch twin vs dequantize_nf4 + F.linear (at --smoke size in the tests).
+It prints ms per token for the whole stack and the GB/s each side must move at least (4-bit weights; plus W in
+16 bits written and read back by dequantize-then-matmul), and ends in one "decode_*" summary line in tokens/s
+(ours: the fused path). On CPU the twin rebuilds W in cache-sized chunks, so its "GB moved" is only a floor.
 """
 
 import argparse
+import sys
 
 import torch
+import torch.nn.functional as F
 
 from common import Timer, add_common_args, machine_note, median, pick_device, set_threads, summary
 
@@ -51,9 +62,17 @@ def main(argv=None):
     add_common_args(p, "output dtype; auto: float32 on CPU (the CPU compute dtype), bfloat16 on CUDA")
     p.add_argument("--reps", type=int, default=5, help="timed rounds, each system once per round, interleaved")
     p.add_argument("--iters", type=int, default=0, help="calls per timing (0: 3 on CPU, 50 on CUDA)")
+    p.add_argument("--decode", action="store_true", help="4-bit decoding through a stack of Llama-7B-shaped layers")
+    p.add_argument("--dim", type=int, default=4096, help="--decode: model width")
+    p.add_argument("--hidden", type=int, default=11008, help="--decode: MLP width")
+    p.add_argument("--layers", type=int, default=32, help="--decode: layers in the stack")
+    p.add_argument("--batch", type=int, default=1, help="--decode: sequences decoded together (rows of x)")
     a = p.parse_args(argv)
     if a.smoke:
         a.rows, a.cols, a.reps, a.iters = 256, 256, 1, 1
+        a.dim, a.hidden, a.layers = 64, 96, 2
+    if a.decode:
+        return decode(a)
     if min(a.rows, a.cols, a.reps) < 1 or a.iters < 0:
         p.error("--rows, --cols and --reps must be at least 1, --iters at least 0")
     set_threads(a.threads)
@@ -115,6 +134,65 @@ def main(argv=None):
     else:
         summary("dequant_torch_vs_bnb", out_gbs["torch"], out_gbs["bnb"], "GB/s out", digits=3)
         summary("dequant_torch_vs_copy", moved_gbs["torch"], moved_gbs["copy"], "GB/s moved", digits=3)
+
+
+def decode(a):
+    """Fused 4-bit matrix-vector products vs dequantize-then-matmul over a stack of layers (see the docstring)."""
+    from kernels import MATVEC_MAX_ROWS
+    from quant import dequantize_nf4, matvec_nf4, quantize_nf4
+    if min(a.dim, a.hidden, a.layers, a.reps) < 1 or not 1 <= a.batch <= MATVEC_MAX_ROWS:
+        sys.exit(f"error: --dim, --hidden, --layers, --reps must be at least 1, --batch 1..{MATVEC_MAX_ROWS}")
+    set_threads(a.threads)
+    device = pick_device(a.device)
+    dtype = getattr(torch, a.dtype) if a.dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
+    iters = a.iters or (20 if device == "cuda" else 3)
+    g = torch.Generator().manual_seed(a.seed)
+    shapes = [(a.dim, a.dim)] * 4 + [(a.hidden, a.dim)] * 2 + [(a.dim, a.hidden)]  # q k v o, gate up, down
+    weights = []                                                                 # [(packed, state)] per linear
+    for _ in range(a.layers):
+        for shape in shapes:
+            w = (torch.randn(shape, generator=g) * 0.02).to(device)                  # (out, in), one at a time
+            weights.append(quantize_nf4(w, a.blocksize, double_quant=True))
+    inputs = {n: torch.randn(a.batch, n, generator=g).to(device, dtype) for n in {a.dim, a.hidden}}  # (batch, in)
+
+    def fused():
+        for packed, state in weights:
+            matvec_nf4(inputs[state.shape[1]], packed, state)                       # (batch, out)
+
+    def dequant_matmul():
+        for packed, state in weights:
+            F.linear(inputs[state.shape[1]], dequantize_nf4(packed, state, dtype))  # (batch, out)
+
+    packed, state = weights[-1]                                                  # the two sides agree?
+    y_fused = matvec_nf4(inputs[state.shape[1]], packed, state).float()
+    y_ref = F.linear(inputs[state.shape[1]], dequantize_nf4(packed, state, dtype)).float()
+    rel = ((y_fused - y_ref).abs().max() / y_ref.abs().max()).item()
+    fused_name = "fused kernel" if device == "cuda" else "torch twin of the fused kernel"
+    n = sum(s.shape.numel() for _, s in weights)
+    four_bit = sum(p.numel() + s.absmax.numel() * s.absmax.element_size() + s.nested_absmax.numel() * 4
+                   for p, s in weights)                                          # bytes read by the fused path
+    w16 = n * torch.finfo(dtype).bits // 8                                       # W written, then read by the matmul
+    moved = {"fused": four_bit, "dequant_matmul": four_bit + 2 * w16}
+    print(f"decode: {a.layers} layers of {a.dim}/{a.hidden} ({n / 1e9:.2f}B 4-bit weights), batch {a.batch}, {dtype} "
+          f"on {device}; {fused_name} vs dequantize-then-matmul, largest difference {rel:.1e} of max |y|; "
+          f"{iters} tokens per timing, {a.reps} interleaved rounds; {machine_note()}")
+
+    systems = {"fused": fused, "dequant_matmul": dequant_matmul}
+    seconds = {name: [] for name in systems}  # per token
+    for fn in systems.values():
+        fn()                                  # warm-up: Triton compiles here
+    for _ in range(a.reps):
+        for name, fn in systems.items():
+            with Timer(device) as t:
+                for _ in range(iters):
+                    fn()
+            seconds[name].append(t.seconds / iters)
+    t = {name: median(s) for name, s in seconds.items()}
+    for name in systems:
+        print(f"  {name:15s} {t[name] * 1e3:9.3f} ms per token, {moved[name] / 1e9:.3f} GB moved, "
+              f"{moved[name] / t[name] / 1e9:.1f} GB/s")
+    name = "decode_fused_vs_dequant_matmul" if device == "cuda" else "decode_twin_vs_dequant_matmul"
+    summary(name, a.batch / t["fused"], a.batch / t["dequant_matmul"], "tok/s", digits=2)
 
 
 if __name__ == "__main__":

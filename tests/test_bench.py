@@ -66,6 +66,15 @@ def test_generate_smoke(tiny_checkpoint):
     check_line(lines["generate_tokens_per_s"], "tok/s")
 
 
+def test_generate_nf4_smoke(tiny_checkpoint):
+    proc = run_bench("generate.py", "--smoke", "--checkpoint", tiny_checkpoint, "--quantize", "nf4")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "linear layers nf4" in proc.stdout and "greedy tokens: " in proc.stdout
+    lines = summaries(proc.stdout)
+    assert set(lines) == {"generate_nf4_tokens_per_s"}
+    check_line(lines["generate_nf4_tokens_per_s"], "tok/s")
+
+
 def test_dequant_smoke():
     proc = run_bench("dequant.py", "--smoke", "--device", "cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -74,6 +83,16 @@ def test_dequant_smoke():
     assert set(lines) == {"dequant_torch_vs_bnb", "dequant_torch_vs_copy"}
     check_line(lines["dequant_torch_vs_bnb"], "GB/s out")
     check_line(lines["dequant_torch_vs_copy"], "GB/s moved")
+
+
+def test_dequant_decode_smoke():
+    proc = run_bench("dequant.py", "--decode", "--smoke", "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    diff = float(re.search(r"largest difference ([0-9.e+-]+) of max", proc.stdout).group(1))
+    assert diff < 1e-5  # fp32 on both sides: the fused path's twin and dequantize-then-matmul sum in other orders
+    lines = summaries(proc.stdout)
+    assert set(lines) == {"decode_twin_vs_dequant_matmul"}
+    check_line(lines["decode_twin_vs_dequant_matmul"], "tok/s")
 
 
 def test_train_smoke(tiny_checkpoint):

@@ -1,0 +1,141 @@
+"""
+The Triton kernels for NF4 weights: dequantization (for training) and a fused matrix-vector product (for decoding).
+
+1. `_nf4_dequant_kernel` rebuilds the 16-bit weight in one pass: read each packed byte once, write each weight once.
+   QLoRA training runs it twice per linear layer per step; the matmul that follows is cuBLAS's.
+2. `_nf4_matvec_kernel` computes y = x @ W.T for a few rows of x (decoding: one token per sequence) WITHOUT
+   writing W: each program reads the packed nibbles and scales of a tile of W, rebuilds the weights in registers,
+   multiplies by x and accumulates in fp32. Decoding is memory-bound, and W in 16 bits is 4x the bytes of W in
+   4 bits: writing it out and reading it back costs 2 x 4 = 8x more traffic than the 4-bit weight itself.
+
+Both compute exactly what quant.py's pure-torch twins compute (`quant.py: _dequantize_torch`,
+`quant.py: _matvec_torch`) and are tested against them; on CPU they run under TRITON_INTERPRET=1 (tests, lessons).
+Triton is optional: without it quant.py uses the twins everywhere. The NF4 format itself is described in quant.py.
+"""
+
+import contextlib
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
+MATVEC_MAX_ROWS = 8  # the fused kernel keeps every row of x in registers: a decoding batch, not a prefill
+
+
+def on_device(t):
+    """Launch context for a kernel reading `t`: Triton launches on the CURRENT CUDA device, which is cuda:0
+    unless set, so a tensor on cuda:1 must make cuda:1 current first. A no-op for CPU (interpreter) tensors."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+if triton is not None:
+    @triton.jit
+    def _round(w, OUT_BF16: tl.constexpr, out_dtype):
+        """fp32 -> the output dtype, rounding to nearest even."""
+        if OUT_BF16:
+            # Round to nearest even by hand. A GPU does this for .to(tl.bfloat16) too, but Triton's CPU
+            # interpreter truncates, and the tests compare kernels and torch twins bit for bit.
+            bits = w.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return w.to(out_dtype)
+
+    @triton.jit
+    def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, out_ptr, n,
+                            BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                            OUT_BF16: tl.constexpr, BYTES: tl.constexpr):
+        # One program turns BYTES packed bytes into 2 * BYTES weights.
+        byte = tl.program_id(0) * BYTES + tl.arange(0, BYTES)                 # (BYTES,)
+        valid = byte < (n + 1) // 2
+        packed = tl.load(packed_ptr + byte, mask=valid, other=0).to(tl.int32)  # (BYTES,)
+        block = (2 * byte) // BLOCKSIZE            # both nibbles of a byte are in one block (blocksize is even)
+        if NESTED:
+            q = tl.load(absmax_ptr + block, mask=valid, other=0).to(tl.int32)
+            absmax2 = tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=valid, other=0.0)
+            absmax = tl.load(code2_ptr + q) * absmax2 + offset                 # (BYTES,) fp32
+        else:
+            absmax = tl.load(absmax_ptr + block, mask=valid, other=0.0)
+        first = tl.load(code_ptr + (packed >> 4)) * absmax                     # (BYTES,) fp32, high nibbles
+        second = tl.load(code_ptr + (packed & 15)) * absmax                    # (BYTES,) fp32, low nibbles
+        w = tl.interleave(first, second)                                       # (2 * BYTES,) in memory order
+        w = _round(w, OUT_BF16, out_ptr.dtype.element_ty)
+        idx = tl.program_id(0) * 2 * BYTES + tl.arange(0, 2 * BYTES)           # (2 * BYTES,)
+        tl.store(out_ptr + idx, w, mask=idx < n)
+
+    @triton.jit
+    def _nf4_matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, bias_ptr,
+                           out_ptr, M, N, K, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+                           NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, W_BF16: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # One program makes BLOCK_N outputs (features n) for all M rows of x (M <= BLOCK_M), walking along K.
+        # W is (N, K) flattened row by row into nibbles: W[n, k] is value f = n * K + k, in byte f // 2 (high
+        # nibble when f is even) and in absmax block f // BLOCKSIZE. K need not be even nor a multiple of the
+        # block size, so a row can start in the middle of a byte and a block can span two rows: compute f.
+        rows = tl.arange(0, BLOCK_M)                                           # (BLOCK_M,)
+        feats = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)             # (BLOCK_N,)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)                   # (BLOCK_M, BLOCK_N)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)                                    # (BLOCK_K,)
+            valid = (feats[:, None] < N) & (ks[None, :] < K)                   # (BLOCK_N, BLOCK_K)
+            f = feats[:, None].to(tl.int64) * K + ks[None, :]                  # (BLOCK_N, BLOCK_K) flat index
+            byte = tl.load(packed_ptr + f // 2, mask=valid, other=0).to(tl.int32)
+            nibble = (byte >> (4 - 4 * (f % 2).to(tl.int32))) & 15            # high nibble for even f
+            block = f // BLOCKSIZE
+            if NESTED:  # absmax = code2[q] * absmax2 + offset, the same fp32 steps as dequantization
+                q = tl.load(absmax_ptr + block, mask=valid, other=0).to(tl.int32)
+                absmax2 = tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=valid, other=0.0)
+                absmax = tl.load(code2_ptr + q) * absmax2 + offset             # (BLOCK_N, BLOCK_K) fp32
+            else:
+                absmax = tl.load(absmax_ptr + block, mask=valid, other=0.0)
+            w = tl.load(code_ptr + nibble) * absmax                            # (BLOCK_N, BLOCK_K) fp32
+            # the weight the dequantize-then-matmul path would see: rounded once to x's dtype, then back to fp32
+            w = _round(w, W_BF16, x_ptr.dtype.element_ty).to(tl.float32)
+            w = tl.where(valid, w, 0.0)
+            x = tl.load(x_ptr + rows[:, None] * K + ks[None, :],
+                        mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_K)
+            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)               # (BLOCK_M, BLOCK_N), fp32 sums
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + feats, mask=feats < N, other=0.0).to(tl.float32)[None, :]
+        y = _round(acc, W_BF16, out_ptr.dtype.element_ty)                      # one rounding per output
+        tl.store(out_ptr + rows[:, None] * N + feats[None, :], y, mask=(rows[:, None] < M) & (feats[None, :] < N))
+
+
+def _nested_args(state):
+    # without double quant the nested pointers are unused: pass any tensor
+    if state.double_quant:
+        return state.nested_absmax, state.nested_code
+    return state.absmax, state.code
+
+
+def dequantize_triton(packed, state, dtype):
+    """The whole weight (state.shape) in `dtype`, by `_nf4_dequant_kernel`."""
+    n, bytes_per_program = state.shape.numel(), 1024
+    out = torch.empty(state.shape, dtype=dtype, device=packed.device)
+    with on_device(packed):
+        _nf4_dequant_kernel[(triton.cdiv((n + 1) // 2, bytes_per_program),)](
+            packed, state.absmax, state.code, *_nested_args(state), state.offset, out, n,
+            BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.nested_blocksize, NESTED=state.double_quant,
+            OUT_BF16=dtype == torch.bfloat16, BYTES=bytes_per_program,
+            enable_fp_fusion=False)  # no fused multiply-add: round after the multiply, exactly like torch
+    return out
+
+
+def matvec_triton(x, packed, state, bias=None):
+    """y = x @ W.T (+ bias) for x of shape (M, K) with M <= MATVEC_MAX_ROWS, by `_nf4_matvec_kernel`."""
+    (M, K), N = x.shape, state.shape[0]
+    x = x.contiguous()                                                         # (M, K)
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)                    # (M, N)
+    block_n = 32
+    with on_device(x):
+        _nf4_matvec_kernel[(triton.cdiv(N, block_n),)](
+            x, packed, state.absmax, state.code, *_nested_args(state), state.offset,
+            x if bias is None else bias, out, M, N, K,
+            BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.nested_blocksize, NESTED=state.double_quant,
+            HAS_BIAS=bias is not None, W_BF16=x.dtype == torch.bfloat16,
+            BLOCK_M=max(1, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=64,
+            enable_fp_fusion=False)  # absmax and weights bit for bit as in dequantization
+    return out
