@@ -11,7 +11,8 @@ autocast, micro-batches of 4 x 1,024 tokens, the loss on the last 64 tokens of e
   - memory after loading (allocated on the GPU; resident set on a CPU), next to train.py's weights estimate;
   - peak allocated and reserved memory over the training steps, next to train.py's memory_estimate total;
   - seconds per step and tokens per second (the first step, with its one-off costs, is not timed);
-  - decoding: milliseconds per token of a batch-1 greedy generation from the 4-bit model.
+  - decoding: milliseconds per token of a batch-1 greedy generation from the 4-bit model, with kernels.py's fused
+    4-bit product and with dequantize-then-matmul (the fused kernel needs a GPU).
 The weights are random, so the loss means nothing; the memory and the speed are those of the real run.
 """
 
@@ -25,6 +26,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # first, even if already there: "import train" is the root's train.py, not bench/train.py
 
+import kernels  # noqa: E402
+import quant  # noqa: E402
 import train  # noqa: E402  (memory_estimate, optimizer_step: the numbers and the step train.py uses)
 from configurator import configure  # noqa: E402
 from convert import expected_shape, load_state_one_by_one  # noqa: E402
@@ -136,20 +139,33 @@ def main(argv=None):
               f"estimate {gib(est['total'])}")
     print(f"speed: {s_step:.2f} s/step, {B * T / s_step:.0f} tokens/s per micro-batch of {B} x {T}")
 
-    # -- decode: batch 1, greedy, from the 4-bit model ----------------------------------------------------------------
+    # -- decode: batch 1, greedy, from the 4-bit model: the fused kernel (GPU) against dequantize-then-matmul ---------
     model.eval()
     prompt = torch.randint(args.vocab_size, (1, 16), generator=g).to(device)
-    with torch.no_grad(), ctx:
-        for _ in model.generate(prompt, 2, temperature=0):  # warm-up: kernels compiled, cache allocated
-            pass
-        if on_gpu:
-            torch.cuda.synchronize(device)
-        t = time.time()
-        n = sum(1 for _ in model.generate(prompt, a.decode_tokens, temperature=0))
-        if on_gpu:
-            torch.cuda.synchronize(device)
-    print(f"decoding: {1000 * (time.time() - t) / n:.1f} ms/token (batch 1, {n} tokens)")
 
+    def ms_per_token():
+        with torch.no_grad(), ctx:
+            for _ in model.generate(prompt, 2, temperature=0):  # warm-up: kernels compiled, cache allocated
+                pass
+            if on_gpu:
+                torch.cuda.synchronize(device)
+            t = time.time()
+            n = sum(1 for _ in model.generate(prompt, a.decode_tokens, temperature=0))
+            if on_gpu:
+                torch.cuda.synchronize(device)
+        return 1000 * (time.time() - t) / n
+
+    fused = quant.FUSED_DEVICES                                # where Linear4bit uses kernels.py's fused product
+    quant.FUSED_DEVICES = ()
+    plain = ms_per_token()
+    quant.FUSED_DEVICES = fused
+    if on_gpu and kernels.triton is not None:
+        fast = ms_per_token()
+        print(f"decoding: fused {fast:.1f} ms/token, dequantize-then-matmul {plain:.1f} ms/token "
+              f"({plain / fast:.2f}x), batch 1, {a.decode_tokens} tokens")
+    else:
+        print(f"decoding: {plain:.1f} ms/token (batch 1, {a.decode_tokens} tokens; dequantize-then-matmul: "
+              f"the fused kernel needs a GPU and triton)")
 
 if __name__ == "__main__":
     main()

@@ -134,4 +134,4 @@ def test_gpu_check_runs_the_7b_recipe_at_tiny_size():
     losses = [float(m) for m in re.findall(r"^step \d: loss ([0-9.]+)", out, re.M)]
     assert len(losses) == 3 and all(5.0 < l < 6.0 for l in losses)   # random weights: about ln(256) = 5.55
     assert re.search(r"^speed: [0-9.]+ s/step, \d+ tokens/s", out, re.M)
-    assert re.search(r"^decoding: [0-9.]+ ms/token \(batch 1, 4 tokens\)", out, re.M)
+    assert re.search(r"^decoding: [0-9.]+ ms/token \(batch 1, 4 tokens; dequantize-then-matmul", out, re.M)
