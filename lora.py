@@ -408,7 +408,7 @@ def load_adapter(model, adapter_dir):
 # ----------------------------------------------------------------------------------------------------------------
 # The merge command:
 #   python lora.py --base checkpoints/X --adapter out/run --out checkpoints/X-merged
-# loads the base (dense, fp32), loads the adapter, merges, and writes a Hugging Face folder that any LLaMA tool
+# loads the base (dense, in the dtype it will write), loads the adapter, merges, and writes a Hugging Face folder that any LLaMA tool
 # (transformers, llama.cpp's converter, vLLM) loads as a normal model, with the base's tokenizer files next to it.
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -445,7 +445,9 @@ def main(argv=None):
         dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
     dtype = "float32" if dtype == "auto" else dtype
     try:
-        model = Llama.from_pretrained(base, dtype=torch.float32)  # merge in fp32, round once at the end
+        # Load in the dtype we write: each merged weight is still summed in fp32 and rounded once (plus_delta), so
+        # a 16-bit base merges to the same bytes as in fp32, in half the memory (13.5 GB for 7B instead of 27).
+        model = Llama.from_pretrained(base, dtype=getattr(torch, dtype))
         load_adapter(model, a.adapter)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")

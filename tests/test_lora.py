@@ -368,6 +368,22 @@ def test_merge_command_writes_a_folder_transformers_loads(base_dirs, tmp_path, s
     torch.testing.assert_close(hf_logits(merged, idx), our_logits(ours.eval(), idx), atol=1e-5, rtol=0)
 
 
+def test_merge_of_a_bf16_base_in_bf16_gives_the_bytes_of_an_fp32_merge(base_dirs, tmp_path):
+    """The merge command loads a 16-bit base in 16 bits (half the memory of fp32): every merged weight is still
+    summed in fp32 and rounded once, so the written bytes equal those of merging in fp32 and rounding at the end."""
+    base = str(tmp_path / "bf16_base")
+    hf_model(UNTIED).to(torch.bfloat16).save_pretrained(base)
+    ours = apply_lora(Llama.from_pretrained(base), r=4, alpha=8, targets="all-linear", modules_to_save=("lm_head",))
+    randomize_lora(ours)
+    save_adapter(ours, str(tmp_path / "adapter"), base_model_name_or_path=base)
+    main(["--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")])    # auto: the base's bf16
+    reference = merge_lora(ours).to(torch.bfloat16).state_dict()                         # merged in fp32
+    written = Llama.from_pretrained(str(tmp_path / "merged"), dtype=torch.bfloat16).state_dict()
+    assert written.keys() == reference.keys()
+    for k in reference:
+        assert torch.equal(written[k], reference[k]), k
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Clear errors
 
