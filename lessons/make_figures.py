@@ -7,6 +7,11 @@ rope.png         lesson 02: a RoPE pair rotating with position; each pair's wave
 nf4.png          lesson 08: the 16 NF4 levels against the normal density they were cut from
 lora_shapes.png  lesson 07: W0 (d x k) beside B (d x r) and A (r x k), to scale
 memory.png       lesson 12: Llama 2 7B training memory, full fine-tuning vs LoRA vs QLoRA
+lifecycle.png    lesson 01: the stages of a fine-tuning project, the loop back to the data, and their lessons
+llama_block.png  lesson 02: one decoder block; which query heads share which key/value head
+loss_mask.png    lesson 05: a real prompt's tokens and targets, -100 everywhere but the answer (bundled tokenizer)
+double_quant.png lesson 08: weights -> absmax per 64 -> 8-bit codes + a scale per 256, with bits per weight
+grad_accum.png   lesson 11: micro-batches, gradient accumulation and optimizer steps on a timeline
 The loss curve of lesson 15 is not drawn here: it is the curve train.py wrote during a real run.
 """
 import argparse
@@ -162,7 +167,305 @@ def memory(path):
     plt.close(fig)
 
 
-FIGURES = {"rope.png": rope, "nf4.png": nf4, "lora_shapes.png": lora_shapes, "memory.png": memory}
+def _box(ax, x, y, w, h, text, fill="white", fontsize=9, **kw):
+    """A rounded box with centred text; (x, y) is its lower-left corner."""
+    from matplotlib.patches import FancyBboxPatch
+    ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.08",
+                                facecolor=fill, edgecolor=kw.pop("edgecolor", "black"), lw=kw.pop("lw", 1)))
+    ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=fontsize, **kw)
+
+
+def _arrow(ax, start, end, color="black", **kw):
+    ax.annotate("", xy=end, xytext=start, arrowprops=dict(arrowstyle="-|>", color=color, lw=1.2, **kw))
+
+
+def llama_block(path):
+    # The tiny model of lesson 02: 8 query heads share 2 key/value heads, so each group has 4.
+    from model import ModelArgs
+    a = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=100, hidden_dim=172, max_seq_len=64)
+    group = a.n_heads // a.n_kv_heads
+    colors = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    fig, ax = plt.subplots(figsize=(11, 9.6))
+    ax.set_xlim(0, 11)
+    ax.set_ylim(0, 11.6)
+    ax.axis("off")
+    X, W = 0.3, 3.4                                                    # the main path: one column, bottom to top
+    rows = [  # (y, text, color)
+        (0.2, f"x   (B, T, dim={a.dim})", "white"),
+        (1.2, "input_layernorm (RMSNorm)", "#fff2cc"),
+        (2.2, "q_proj  k_proj  v_proj", "#dae8fc"),
+        (3.2, "rotary on q and k (apply_rotary)", "#dae8fc"),
+        (4.2, "causal attention per head\nsoftmax(q k^T / sqrt(head_dim)) v", "#dae8fc"),
+        (5.2, "o_proj", "#dae8fc"),
+        (6.7, "post_attention_layernorm (RMSNorm)", "#fff2cc"),
+        (7.7, "gate_proj        up_proj", "#d5e8d4"),
+        (8.7, "silu(gate) * up", "#d5e8d4"),
+        (9.7, f"down_proj  (hidden_dim={a.hidden_dim} -> dim={a.dim})", "#d5e8d4"),
+    ]
+    for i, (y, text, color) in enumerate(rows):
+        _box(ax, X, y, W, 0.6, text, color, fontsize=8.5)
+        if i:
+            _arrow(ax, (X + W / 2, rows[i - 1][0] + 0.62), (X + W / 2, y - 0.02))
+    for y_from, y_plus, label in ((0.5, 6.05, "residual: x + attention"), (6.05 + 0.25, 10.75, "residual: x + mlp")):
+        ax.plot([X + (0.0 if y_from < 1 else W / 2 - 0.2), X - 0.15], [y_from, y_from], color="gray", lw=1.5)
+        ax.plot([X - 0.15, X - 0.15], [y_from, y_plus], color="gray", lw=1.5)
+        ax.plot([X - 0.15, X + W / 2 - 0.2], [y_plus, y_plus], color="gray", lw=1.5)
+        ax.text(X - 0.25, (y_from + y_plus) / 2, label, rotation=90, va="center", ha="right", fontsize=8, color="gray")
+    for y in (6.05, 10.75):                                            # the additions
+        ax.add_patch(plt.Circle((X + W / 2, y), 0.2, facecolor="white", edgecolor="black"))
+        ax.text(X + W / 2, y, "+", ha="center", va="center", fontsize=12)
+    _arrow(ax, (X + W / 2, 5.82), (X + W / 2, 5.85))
+    _arrow(ax, (X + W / 2, 6.25), (X + W / 2, 6.68))
+    _arrow(ax, (X + W / 2, 10.32), (X + W / 2, 10.55))
+    _arrow(ax, (X + W / 2, 10.95), (X + W / 2, 11.4))
+    ax.text(X + W / 2 + 0.1, 11.3, "to the next block (B, T, dim)", fontsize=8, va="center")
+    ax.text(X + W + 0.1, 3.5, "self_attn\n(Attention)", fontsize=10, weight="bold", color="#1f4e79")
+    ax.text(X + W + 0.1, 8.1, f"mlp  (SwiGLU MLP)\nhidden_dim = {a.hidden_dim}", fontsize=10, weight="bold",
+            color="#2d6a2d")
+    # The right side: which query head reads which key/value head.
+    hx = 5.6
+    ax.text(hx, 5.55, f"grouped-query attention: n_heads = {a.n_heads}, n_kv_heads = {a.n_kv_heads}, "
+            f"head_dim = {a.head_dim}", fontsize=9.5, weight="bold")
+    ax.text(hx, 5.35, f"q_proj: dim -> n_heads * head_dim = {a.n_heads * a.head_dim};  k_proj, v_proj: dim -> "
+            f"n_kv_heads * head_dim = {a.n_kv_heads * a.head_dim}\n"
+            f"q: (B, n_heads, T, head_dim);  k, v: (B, n_kv_heads, T, head_dim);  colour = the group", fontsize=8,
+            va="top")
+    for h in range(a.n_heads):
+        c = colors[h // group]
+        _box(ax, hx + 0.6 * h, 3.7, 0.5, 0.9, f"q\n{h}", c, fontsize=8, color="white")
+    for g in range(a.n_kv_heads):
+        c = colors[g]
+        cx = hx + 0.6 * (g * group) + 0.6 * group / 2 - 0.3
+        _box(ax, cx - 0.35, 1.6, 1.2, 0.9, f"k {g}   v {g}", c, fontsize=8, color="white")
+        for h in range(g * group, (g + 1) * group):
+            _arrow(ax, (cx + 0.25, 2.52), (hx + 0.6 * h + 0.25, 3.66), color=c)
+    ax.text(hx, 1.2, f"query heads {', '.join(f'{g * group}-{(g + 1) * group - 1}' for g in range(a.n_kv_heads))} "
+            f"read key/value head {', '.join(str(g) for g in range(a.n_kv_heads))}:\n"
+            f"head h uses kv head h // (n_heads / n_kv_heads) = h // {group}  (repeat_interleave order)",
+            fontsize=8, va="top")
+    ax.text(hx, 0.35, "the KV cache keeps only the n_kv_heads heads: here 4x smaller than one per query head",
+            fontsize=8, va="top", style="italic")
+    ax.text(hx, 7.6, "SwiGLU:  down_proj( silu(gate_proj(x)) * up_proj(x) )\n"
+            "silu(g) = g * sigmoid(g) opens or closes each hidden unit;\n"
+            "the product lets it scale what up_proj carries", fontsize=8.5, va="top")
+    ax.text(hx, 10.3, "one LLaMA block (model.py: Block); pre-norm: RMSNorm before each part,\n"
+            "the residual stream itself is never normalised", fontsize=9, va="top")
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+BUNDLED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "checkpoints",
+                       "SmolLM2-135M-Instruct")
+
+
+def loss_mask(path, row_id="pqs-0190", head=12, tail=42, per_line=28):
+    # A real example: the bundled tokenizer, data.py's prompt and collate, the sample's shortest row.
+    from data import collate, encode_example, load_qa_rows
+    from tokenizer import Tokenizer
+    tok = Tokenizer(BUNDLED)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows, _ = load_qa_rows(os.path.join(root, "data", "persian_qa_sample.jsonl"))
+    row = next(r for r in rows if r["id"] == row_id)
+    prompt_ids, answer_ids = encode_example(tok, row, max_len=512)
+    idx, targets = collate([(prompt_ids, answer_ids)], [0], pad_id=tok.eos_id)   # (1, T) each
+    idx, targets = idx[0].tolist(), targets[0].tolist()
+    T, n_prompt = len(idx), len(prompt_ids)
+
+    def label(i):  # Persian glyphs do not render in the default font: plain-ASCII tokens as text, others as ids
+        text = tok.decode([i])
+        if text.startswith("<|"):
+            return text
+        text = text.replace("\n", "\\n").strip() or "' '"
+        return text if text.isascii() and text.isprintable() else str(i)
+
+    shown = list(range(head)) + [None] + list(range(T - tail, T))   # None: the cut
+    lines = [shown[i:i + per_line] for i in range(0, len(shown), per_line)]
+    fig, axes = plt.subplots(len(lines), 1, figsize=(13, 2.3 * len(lines) + 0.6))
+    for ax, line in zip(axes, lines):
+        for x, t in enumerate(line):
+            if t is None:
+                ax.text(x + 0.5, 0.5, f"...\n{T - tail - head}\npositions\n...", ha="center", va="center",
+                        fontsize=7)
+                continue
+            answer_in, loss = t >= n_prompt, targets[t] != -100
+            ax.add_patch(plt.Rectangle((x, 1), 1, 1, facecolor="#f4a582" if answer_in else "#e0e0e0",
+                                       edgecolor="white"))
+            ax.add_patch(plt.Rectangle((x, 0), 1, 1, facecolor="tab:red" if loss else "#bdbdbd",
+                                       edgecolor="white"))
+            ax.text(x + 0.5, 1.5, label(idx[t]), rotation=90, ha="center", va="center", fontsize=6.5)
+            ax.text(x + 0.5, 0.5, str(targets[t]), rotation=90, ha="center", va="center", fontsize=6.5,
+                    color="white" if loss else "black")
+            ax.text(x + 0.5, 2.1, str(t), ha="center", va="bottom", fontsize=6, color="gray")
+        ax.text(-0.2, 1.5, "idx[t]", ha="right", va="center", fontsize=8)
+        ax.text(-0.2, 0.5, "targets[t]", ha="right", va="center", fontsize=8)
+        ax.text(-0.2, 2.25, "t", ha="right", va="center", fontsize=7, color="gray")
+        ax.set_xlim(-2.2, per_line)
+        ax.set_ylim(-0.1, 2.6)
+        ax.axis("off")
+    first = n_prompt - 1                                          # predicts the first answer token
+    line, x = divmod(shown.index(first), per_line)
+    axes[line].annotate("the prompt's last position\npredicts the first answer token", (x + 0.5, 0),
+                        xytext=(x - 4, -0.9), fontsize=7.5, ha="center", va="center",
+                        arrowprops=dict(arrowstyle="-|>", color="tab:red"), annotation_clip=False)
+    n_loss = sum(t != -100 for t in targets)
+    fig.suptitle(f"row {row_id} of the bundled sample, tokenized for SmolLM2: {T} positions, {n_loss} with loss "
+                 f"({100 * n_loss / T:.1f}%); Persian tokens shown by id\n"
+                 f"grey: the prompt (system turn, passage, question, assistant header), target -100;  "
+                 f"orange: the answer fed in;  red: the targets that carry loss (the answer, <|im_end|>, \\n)",
+                 fontsize=8.5)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def double_quant(path):
+    # The levels of quant.py's scheme, with the bits per weight measured by quant.py: bits_per_param.
+    from quant import bits_per_param
+    w = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0))     # one Llama 2 7B q_proj
+    packed, plain = quantize_nf4(w, double_quant=False)
+    packed, dq = quantize_nf4(w, double_quant=True)
+    b_plain, b_dq = bits_per_param(packed, plain), bits_per_param(packed, dq)
+    bs, bs2, n = plain.blocksize, dq.nested_blocksize, w.numel()
+    fig, ax = plt.subplots(figsize=(12, 6.2))
+    ax.set_xlim(0, 12)
+    ax.set_ylim(0, 6.6)
+    ax.axis("off")
+
+    def strip(y, n_cells, color, texts, x0=0.3, w=0.62, h=0.55):
+        for i in range(n_cells):
+            ax.add_patch(plt.Rectangle((x0 + i * w, y), w, h, facecolor=color, edgecolor="black", lw=0.8))
+            ax.text(x0 + i * w + w / 2, y + h / 2, texts[i], ha="center", va="center", fontsize=7.5)
+
+    # Level 1: the weights, in blocks of 64, each stored as 4-bit NF4 codes.
+    ax.text(0.3, 6.35, f"1. the weight, flattened ({n:,} values of a 4096 x 4096 matrix), cut into blocks of {bs}",
+            fontsize=9.5, weight="bold")
+    strip(5.55, 12, "#d9d9d9", [f"block\n{j}" for j in range(11)] + ["..."])
+    ax.text(8.0, 5.82, f"each weight: a 4-bit NF4 code (w / absmax of its block)\n-> 4 bits per weight",
+            fontsize=8.5, va="center")
+    # Level 2: one fp32 absmax per block.
+    ax.text(0.3, 5.05, f"2. one absmax per block: {n // bs:,} values (fp32 = 32 bits, shared by {bs} weights)",
+            fontsize=9.5, weight="bold")
+    strip(4.25, 12, "#f4a582", [f"a{j}" for j in range(11)] + ["..."])
+    for j in range(3):
+        _arrow(ax, (0.3 + j * 0.62 + 0.31, 5.53), (0.3 + j * 0.62 + 0.31, 4.83), color="gray")
+    ax.text(8.0, 4.52, f"without double quantization, stop here:\n4 + 32/{bs} = {b_plain:.3f} bits per weight",
+            fontsize=8.5, va="center", bbox=dict(facecolor="white", edgecolor="tab:red"))
+    # Level 3: absmax minus their mean, in blocks of 256, as 8-bit codes with one fp32 scale each.
+    ax.text(0.3, 3.7, f"3. double quantization: subtract offset = mean(absmax) = {dq.offset:.4f} (one fp32 per "
+            f"matrix), cut a - offset into blocks of {bs2}", fontsize=9.5, weight="bold")
+    for k, (x0, label) in enumerate(((0.3, f"absmax {0}..{bs2 - 1}"), (3.0, f"absmax {bs2}..{2 * bs2 - 1}"),
+                                     (5.7, "..."))):
+        ax.add_patch(plt.Rectangle((x0, 2.8), 2.5, 0.6, facecolor="#fddbc7", edgecolor="black"))
+        ax.text(x0 + 1.25, 3.1, label if k < 2 else "...", ha="center", va="center", fontsize=8)
+    ax.text(8.4, 3.1, f"{n // bs // bs2:,} blocks of {bs2} absmax values", fontsize=8.5, va="center")
+    # Level 4: what is stored.
+    ax.text(0.3, 2.3, f"4. stored: each absmax as an 8-bit code of the dynamic map (quant.py: dynamic_map_8bit), "
+            f"and one fp32 scale per block of {bs2}", fontsize=9.5, weight="bold")
+    for x0 in (0.3, 3.0):
+        ax.add_patch(plt.Rectangle((x0, 1.35), 2.0, 0.6, facecolor="#92c5de", edgecolor="black"))
+        ax.text(x0 + 1.0, 1.65, f"{bs2} x uint8 codes", ha="center", va="center", fontsize=8)
+        ax.add_patch(plt.Rectangle((x0 + 2.0, 1.35), 0.5, 0.6, facecolor="#4393c3", edgecolor="black"))
+        ax.text(x0 + 2.25, 1.65, "fp32\nscale", ha="center", va="center", fontsize=6.5, color="white")
+    ax.text(5.95, 1.65, "...", fontsize=10, va="center")
+    ax.text(0.3, 0.45, "dequantize:  absmax = code_map[code] * scale + offset,   then   w = NF4[nibble] * absmax",
+            fontsize=9, family="monospace")
+    ax.text(7.2, 1.3, f"with double quantization:\n4 + 8/{bs} + 32/({bs}*{bs2}) = {b_dq:.3f} bits per weight\n"
+            f"(+ 32 bits of offset per matrix)", fontsize=8.5, va="center",
+            bbox=dict(facecolor="white", edgecolor="tab:blue"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def grad_accum(path, batch_size=4, grad_accum=4, steps=2):
+    # Two optimizer steps of train.py's loop: grad_accum micro-batches of batch_size sequences each.
+    fig, ax = plt.subplots(figsize=(12, 4.4))
+    per_step = grad_accum + 1.3
+    ax.set_xlim(-0.3, steps * per_step + 0.1)
+    ax.set_ylim(-1.1, 3.5)
+    ax.axis("off")
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f"]
+    for s in range(steps):
+        x0 = s * per_step
+        for k in range(grad_accum):
+            x, c = x0 + k, colors[k % len(colors)]
+            # the micro-batch: batch_size sequences, through forward and backward
+            for j in range(batch_size):
+                ax.add_patch(plt.Rectangle((x + 0.08, 2.2 + j * 0.2), 0.84, 0.16, facecolor=c, alpha=0.55))
+            ax.text(x + 0.5, 2.1, f"micro-batch {s * grad_accum + k + 1}\n{batch_size} sequences\n"
+                    f"forward,\nbackward", ha="center", va="top", fontsize=7.5)
+            # the gradient buffer after this backward: the sum so far
+            for j in range(k + 1):
+                ax.add_patch(plt.Rectangle((x + 0.2, -0.35 + j * 0.22), 0.6, 0.2, facecolor=colors[j], alpha=0.8))
+            ax.text(x + 0.5, -0.45, f"p.grad:\nsum of {k + 1}", ha="center", va="top", fontsize=7.5)
+        xs = x0 + grad_accum
+        ax.add_patch(plt.Rectangle((xs + 0.1, -0.35), 1.0, 3.4, facecolor="#fff2cc", edgecolor="black"))
+        ax.text(xs + 0.6, 1.35, f"step {s + 1}\n\nclip\ngradients\n\noptimizer\n.step()\n\nzero_grad()",
+                ha="center", va="center", fontsize=8)
+        ax.annotate("", xy=(x0 - 0.05, 3.2), xytext=(xs + 1.15, 3.2),
+                    arrowprops=dict(arrowstyle="<->", color="black", lw=0.8))
+        ax.text(x0 + (grad_accum + 1.1) / 2, 3.25,
+                f"step {s + 1}: {grad_accum} x {batch_size} = {grad_accum * batch_size} sequences",
+                ha="center", va="bottom", fontsize=8.5)
+    fig.text(0.02, 0.03, f"batch_size={batch_size} (sequences per forward pass, per GPU), grad_accum={grad_accum}: "
+             f"the gradients of {grad_accum} passes add up in p.grad, then one update, and zero_grad() empties the "
+             f"buffer.\nThe global batch is {grad_accum} x {batch_size} = {grad_accum * batch_size} sequences, held "
+             f"in memory {batch_size} at a time. With torchrun on N GPUs every GPU runs this on its own micro-batches "
+             f"and the gradients are\nsummed across GPUs before the step: one step sees N x {grad_accum * batch_size}"
+             f" sequences (batch_size * grad_accum * n_gpus).", fontsize=8.5, va="bottom")
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.98, bottom=0.2)
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def lifecycle(path):
+    # The stages of a fine-tuning project, each with the lessons that teach it.
+    fig, ax = plt.subplots(figsize=(12, 4.6))
+    ax.set_xlim(0, 12)
+    ax.set_ylim(0, 4.8)
+    ax.axis("off")
+    top = [  # (text, lessons, colour)
+        ("define the task\nnarrowly", "01", "#fff2cc"),
+        ("pick a base model\nsize, licence, tokenizer", "02, 03, 04", "#fff2cc"),
+        ("measure the base model\nzero-/few-shot prompting", "01, 14", "#fff2cc"),
+        ("collect and clean data\nsplit by passage", "01, 05", "#d5e8d4"),
+    ]
+    bottom = [
+        ("fine-tune\nLoRA / QLoRA", "06-13", "#dae8fc"),
+        ("evaluate\nEM/F1, invented answers,\nforgetting", "14", "#dae8fc"),
+        ("error analysis\ncategorise the misses", "14", "#dae8fc"),
+    ]
+    w, h = 2.5, 1.1
+    for i, (text, lessons, color) in enumerate(top):
+        x = 0.2 + i * 2.95
+        _box(ax, x, 3.3, w, h, f"{text}\n(lesson {lessons})", color, fontsize=8.5)
+        if i:
+            _arrow(ax, (x - 0.43, 3.85), (x - 0.02, 3.85))
+    for i, (text, lessons, color) in enumerate(bottom):
+        x = 9.05 - i * 2.95
+        _box(ax, x, 1.5, w, h, f"{text}\n(lesson {lessons})", color, fontsize=8.5)
+        if i:
+            _arrow(ax, (x + w + 0.43, 2.05), (x + w + 0.02, 2.05))
+    _arrow(ax, (10.3, 3.28), (10.3, 2.62))                          # data -> fine-tune
+    # error analysis feeds the data: the loop
+    ax.annotate("", xy=(9.3, 3.28), xytext=(4.35, 2.62),
+                arrowprops=dict(arrowstyle="-|>", color="tab:red", lw=1.5, connectionstyle="arc3,rad=0.05"))
+    ax.text(5.3, 2.92, "fix the data, train again (the loop)", color="tab:red", fontsize=8.5, ha="center")
+    _box(ax, 0.2, 0.1, 3.4, 1.1, "merge the adapter, quantize, deploy\n(lessons 07, 08, 15)\nwatch real inputs: "
+         "they feed the next round", "#e1d5e7", fontsize=8.5)
+    _arrow(ax, (3.1, 1.48), (2.5, 1.23))                           # from error analysis once good enough
+    ax.text(3.6, 1.3, "good enough", fontsize=8, color="gray")
+    ax.text(4.0, 0.55, "the baseline (lesson 01, 14) is the bar the fine-tune must clear; "
+            "lesson 15 runs the whole loop on Persian QA", fontsize=8.5, va="center", color="gray")
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+FIGURES = {"rope.png": rope, "nf4.png": nf4, "lora_shapes.png": lora_shapes, "memory.png": memory,
+           "llama_block.png": llama_block, "loss_mask.png": loss_mask,
+           "double_quant.png": double_quant, "grad_accum.png": grad_accum, "lifecycle.png": lifecycle}
 
 
 def main(argv=None):

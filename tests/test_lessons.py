@@ -157,8 +157,9 @@ def test_readme_lists_every_lesson_in_order():
     assert order[:len(LESSONS)] == LESSONS, f"README must link the lessons in reading order: {LESSONS}"
 
 
-def test_figures_are_reproducible(tmp_path):
-    """make_figures.py writes every figure the lessons show (a real run's loss curve excepted)."""
+def test_figures_are_reproducible(tmp_path, bundled_dir):
+    """make_figures.py writes every figure the lessons show (a real run's loss curve excepted).
+    loss_mask.png tokenizes a real row with the bundled tokenizer, hence bundled_dir."""
     shown = set()
     for doc in DOCS:
         shown |= {os.path.basename(t) for t in LINK.findall(read(doc)) if t.startswith("img/")}
