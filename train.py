@@ -105,9 +105,11 @@ def memory_estimate(model, n_trainable, cfg, act_bytes):
       weights      what the model holds (a 4-bit weight counts its packed bytes and its scales)
       lora         trainable parameters, fp32: 4 bytes each; their gradients another 4
       optimizer    Adam keeps two fp32 moments: 8 bytes per trainable parameter (paged: in CPU memory instead)
-      activations  per layer about 34 * T * B * dim bytes (16-bit values) are kept for backward (attention scores are not stored:
-                   SDPA recomputes them); gradient checkpointing keeps only each layer's input, 2 * T * B * dim,
-                   plus one layer's full set while it is recomputed.
+      activations  what one of our blocks keeps for backward, per token per unit of width, as lesson 12 measures it
+                   with LoRA on every linear layer: 44 bytes under autocast, 34 for bf16 weights without autocast
+                   (the rule of thumb's 34), 77 in fp32 (attention scores are not stored: SDPA recomputes them);
+                   gradient checkpointing keeps only each layer's input, plus one layer's full set while it is
+                   recomputed.
       lora_inputs  copies of their input that LoRA layers keep, T * B * (sum of the LoRA layers' input widths) * bytes:
                    under autocast (16-bit on a GPU) the frozen layer's input is shared, and only dropout makes a copy
                    (16-bit, plus a 1-byte mask); without autocast A and B are fp32, so next to 16-bit weights (bf16
@@ -120,12 +122,14 @@ def memory_estimate(model, n_trainable, cfg, act_bytes):
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
     weights = sum(n for ptr, n in storages.items() if ptr not in trainable)
     tokens = cfg["batch_size"] * cfg["max_seq_len"]
-    per_layer = 34 * tokens * a.dim * act_bytes / 2  # the 34 counts 16-bit values: halve for bytes per value
-    acts = (a.n_layers * 2 * tokens * a.dim * act_bytes / 2 + per_layer) if cfg["gradient_checkpointing"] \
-        else a.n_layers * per_layer
-    lora_in = sum(m.lora_A.in_features for _, m in lora_layers(model))  # all layers' LoRA input widths, summed
     on_gpu, dropout = str(cfg["device"]).startswith("cuda"), cfg["lora_dropout"] > 0
     autocast = on_gpu and act_bytes == 2                         # train.py's rule, in main()
+    # Under autocast each RMSNorm keeps an fp32 copy of its input and autocast keeps its casts: 44, not 34.
+    kept = 77 if act_bytes == 4 else (44 if autocast else 34)    # bytes per token per dim per layer (lesson 12)
+    per_layer = kept * tokens * a.dim
+    acts = (a.n_layers * tokens * a.dim * act_bytes + per_layer) if cfg["gradient_checkpointing"] \
+        else a.n_layers * per_layer
+    lora_in = sum(m.lora_A.in_features for _, m in lora_layers(model))  # all layers' LoRA input widths, summed
     mask = (1 if on_gpu else 4) if dropout else 0
     copy = (2 if dropout else 0) if autocast else (4 if dropout or act_bytes == 2 else 0)
     lora_inputs = tokens * lora_in * (copy + mask)

@@ -1,5 +1,5 @@
 # QLoRA fine-tuning of Llama 2 7B chat on PersianQA, sized for one 12 GB GPU
-# (train.py's memory estimate: 6.1 GiB; lesson 13; measure yours with python bench/gpu_check.py).
+# (train.py's memory estimate: 6.3 GiB; lesson 13; measure yours with python bench/gpu_check.py).
 # Get the weights and data first:
 #   HF_TOKEN=hf_... python prepare.py meta-llama/Llama-2-7b-chat-hf   (accept Meta's licence on the Hub first)
 #   python prepare.py --data persian_qa

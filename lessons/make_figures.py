@@ -135,8 +135,8 @@ def memory(path):
     n_linear = layers * (4 * dim * dim + 3 * dim * hidden)
     n_lora = layers * 32 * (4 * (dim + dim) + 3 * (dim + hidden))
     tokens = 4 * 1024
-    act_full = layers * 34 * tokens * dim                     # bytes, 16-bit activations
-    act_ckpt = layers * 2 * tokens * dim + 34 * tokens * dim  # gradient checkpointing
+    act_full = layers * 44 * tokens * dim                     # bytes: bf16 under autocast, as our block keeps
+    act_ckpt = layers * 2 * tokens * dim + 44 * tokens * dim  # gradient checkpointing
     runs = {  # label: (frozen or full weights, trainable weights + gradients, optimizer states, activations)
         "full fine-tuning\n(bf16, AdamW, checkpointing)": (2 * n_total, 2 * n_total, 12 * n_total, act_ckpt),
         "LoRA, bf16 base\n(no checkpointing)": (2 * n_total, 8 * n_lora, 8 * n_lora, act_full),
