@@ -187,3 +187,24 @@ def test_bad_input(small_tok, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["base", "q4", "there.gguf"]  # nothing half-written
     export.main([f"--init_from={tmp_path}/q4", f"--out={tmp_path}/q.gguf", "--dequantize=True", "--type=f32"])
     assert read_back(tmp_path / "q.gguf").args.n_layers == 2
+
+
+def test_sentencepiece_tokenizer_exports_as_llama_cpp_llama_model(tmp_path):
+    """Llama 2's tokenizer.model: pieces, scores and types, read back by transformers' GGUF tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    import sentencepiece
+    text = ["The capital of Iran is Tehran.", "پایتخت ایران تهران است.", "Fine-tuning a model in 3 steps."] * 30
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(tmp_path / "tokenizer"),
+                                             vocab_size=360, model_type="bpe", byte_fallback=True,
+                                             character_coverage=1.0, minloglevel=2)
+    model = tiny(vocab_size=384)
+    model.save_pretrained(str(tmp_path))
+    (tmp_path / "g").mkdir()  # a folder of its own: next to tokenizer.model, transformers would read that instead
+    export.write_gguf(model, str(tmp_path), tmp_path / "g" / "m.gguf", "f16", progress=False)
+    r = gguf.GGUFReader(str(tmp_path / "g" / "m.gguf"))
+    assert r.fields["tokenizer.ggml.model"].contents() == "llama"
+    assert r.fields["tokenizer.ggml.token_type"].contents()[3] == export.BYTE  # <0x00>, after <unk> <s> </s>
+    tk = transformers.AutoTokenizer.from_pretrained(tmp_path / "g", gguf_file="m.gguf")
+    tok = Tokenizer(str(tmp_path))
+    for s in ("The capital of Iran", "پایتخت ایران", "emoji 🤗 falls back to bytes"):
+        assert tk.encode(s, add_special_tokens=False) == tok.encode(s), s
