@@ -79,7 +79,7 @@ def interleaved_to_half(w, n_heads):
 
 
 def half_to_interleaved(w, n_heads):
-    """The inverse of interleaved_to_half (used to write Meta-layout files in tests and lessons)."""
+    """The inverse of interleaved_to_half: export.py writes GGUF q/k rows with it (tests and lessons, Meta files)."""
     out_dim, in_dim = w.shape
     head_dim = out_dim // n_heads
     return w.view(n_heads, 2, head_dim // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)

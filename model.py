@@ -258,22 +258,28 @@ class Llama(nn.Module):
             layer.self_attn.cache_k = layer.self_attn.cache_v = layer.self_attn.cache_pad = None
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, n_pad=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, eos_id=None, n_pad=None,
+                 start_pos=None):
         """
         Yields one (B, 1) tensor of new tokens per step. idx: (B, T) prompt. temperature 0 means greedy.
         The prompt goes through the model once (prefill); after that each step feeds only the newest token,
         and attention reads the earlier keys/values from the cache. Several prompts of different lengths
         go together as left_pad(prompts) -> (idx, n_pad): one pass over the weights serves every row.
+        start_pos: continue a cache the caller made with setup_cache and keeps (a chat): its first start_pos
+        positions already hold this conversation, idx are the tokens after them. The cache stays afterwards.
         """
         B, T = idx.shape
-        total = min(T + max_new_tokens, self.args.max_seq_len)
-        self.setup_cache(B, total, n_pad=n_pad)
+        own_cache = start_pos is None
+        p0 = 0 if own_cache else start_pos
+        total = min(p0 + T + max_new_tokens, self.args.max_seq_len)
+        if own_cache:
+            self.setup_cache(B, total, n_pad=n_pad)
         try:
             # Only the last position's logits choose the next token: the head (vocab x dim, the largest
             # matrix of a small model) runs on one position per row, not on the whole prompt.
-            logits = self.lm_head(self.hidden(idx, start_pos=0)[:, -1])        # prefill: (B, vocab)
+            logits = self.lm_head(self.hidden(idx, start_pos=p0)[:, -1])       # prefill: (B, vocab)
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-            for pos in range(T, total):
+            for pos in range(p0 + T, total):
                 nxt = sample_next(logits, temperature, top_k, top_p)            # (B, 1)
                 yield nxt
                 if eos_id is not None:
@@ -283,7 +289,8 @@ class Llama(nn.Module):
                 if pos + 1 < total:
                     logits = self.lm_head(self.hidden(nxt, start_pos=pos)[:, -1])  # (B, vocab)
         finally:
-            self.clear_cache()
+            if own_cache:
+                self.clear_cache()
 
     # --- loading ------------------------------------------------------------------------------------------------
 

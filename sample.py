@@ -5,6 +5,10 @@ Generate text from a base model, a base model + LoRA adapter, or a merged model.
     python sample.py --chat=True --prompt="پایتخت ایران کجاست؟"
     python sample.py --adapter=out/quickstart --chat=True --prompt=FILE:question.txt
     python sample.py --init_from=checkpoints/Llama-2-7b-chat-hf --quantize=nf4 --chat=True --prompt="..."
+    python sample.py --adapter=out/quickstart --chat=True --interactive=True     # a conversation on stdin
+
+In a conversation, /system TEXT sets the system message, /reset forgets the turns, Ctrl-C stops an answer,
+Ctrl-D or /exit leaves.
 """
 
 import os
@@ -17,6 +21,7 @@ init_from = ""               # checkpoint folder; "" -> the adapter's base model
 adapter = ""                 # a LoRA adapter folder (PEFT format, e.g. a train.py out_dir)
 prompt = "The three most useful things to know about fine-tuning are"
 chat = False                 # wrap the prompt in the model's chat template
+interactive = False          # with chat=True: a conversation, user turns read from stdin (prompt is not used)
 system = ""                  # optional system message when chat=True
 max_new_tokens = 200
 temperature = 0.8            # 0 = greedy
@@ -38,11 +43,14 @@ from tokenizer import Tokenizer  # noqa: E402
 BUNDLED = os.path.join("checkpoints", "SmolLM2-135M-Instruct")
 
 
-def stream(model, tok, ids, cfg):
-    """Print tokens as they come. A Persian letter or an emoji can span several byte tokens: hold back a partial one."""
-    out, shown = [], ""
+def stream(model, tok, ids, cfg, start_pos=None):
+    """Print tokens as they come. A Persian letter or an emoji can span several byte tokens: hold back a partial one.
+    Returns (the answer's text, every token generated, the stop token included). start_pos: see Llama.generate."""
+    out, shown, made = [], "", []
     x = torch.tensor([ids], device=cfg["device"])
-    for nxt in model.generate(x, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None, cfg["top_p"]):
+    for nxt in model.generate(x, cfg["max_new_tokens"], cfg["temperature"], cfg["top_k"] or None, cfg["top_p"],
+                              start_pos=start_pos):
+        made.append(nxt.item())
         if nxt.item() in tok.stop_ids:
             break
         out.append(nxt.item())
@@ -52,25 +60,93 @@ def stream(model, tok, ids, cfg):
             sys.stdout.flush()
             shown = text
     print()
-    return tok.decode(out)
+    return tok.decode(out), made
 
 
-def main(argv=None):
-    cfg = configure(settings, argv)
-    check_device(cfg["device"])
-    base = cfg["init_from"]
-    if cfg["adapter"]:
+def base_folder(init_from, adapter):
+    """The checkpoint to load: init_from, else the adapter's base model, else the bundled SmolLM2 (or exit 1)."""
+    base = init_from
+    if adapter:
         try:
-            named = read_adapter_config(cfg["adapter"]).get("base_model_name_or_path")
+            named = read_adapter_config(adapter).get("base_model_name_or_path")
         except (FileNotFoundError, ValueError) as e:
             sys.exit(f"error: {e}")
         if not base and named and not os.path.isdir(named):
-            sys.exit(f"error: the adapter's base model {named!r} (base_model_name_or_path in {cfg['adapter']}/"
+            sys.exit(f"error: the adapter's base model {named!r} (base_model_name_or_path in {adapter}/"
                      f"adapter_config.json) is not a folder here; pass --init_from=<the base checkpoint folder>")
         base = base or named or ""
     base = base or BUNDLED
     if not os.path.isdir(base):
         sys.exit(f"error: checkpoint folder {base!r} not found. Create it with: python prepare.py [<hub repo id>]")
+    return base
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A conversation. Each turn renders the WHOLE history with the chat template (the model only ever sees one
+# text), but the keys/values of the tokens that did not change since the last turn are still in the cache:
+# only the new part (the last answer as the template writes it, and the new question) goes through the model.
+
+def common_prefix(a, b):
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def chat(model, tok, cfg, read=input):
+    """Read user turns with read() until EOF or /exit; stream each answer. Returns one record per answered turn:
+    {"tokens": the prompt's length, "reused": how many of them came from the cache, "answer": the text}."""
+    system, history, turns = cfg["system"], [], []
+    cached = []                        # the token ids whose keys/values the cache holds, position by position
+    model.setup_cache(1, model.args.max_seq_len)
+    while True:
+        try:
+            line = read("> ").strip()
+        except EOFError:               # Ctrl-D, or the end of piped input
+            print()
+            break
+        except KeyboardInterrupt:      # Ctrl-C at the prompt: nothing to stop, ask again
+            print()
+            continue
+        if line == "/exit":
+            break
+        if line == "/reset":
+            history = []
+            print("(history cleared)")
+            continue
+        if line.startswith("/system"):
+            system = line[len("/system"):].strip()
+            print(f"(system message {'set' if system else 'removed'})")
+            continue
+        if not line:
+            continue
+        messages = ([{"role": "system", "content": system}] if system else []) + history + \
+                   [{"role": "user", "content": line}]
+        ids = tok.encode_chat(messages)
+        if len(ids) >= model.args.max_seq_len:
+            print(f"(the conversation is {len(ids)} tokens, the model's context is {model.args.max_seq_len}: /reset)")
+            continue
+        # At least the last prompt token goes through the model: its logits choose the first answer token.
+        keep = min(common_prefix(cached, ids), len(ids) - 1)
+        try:
+            answer, made = stream(model, tok, ids[keep:], cfg, start_pos=keep)
+            # The last token generated was sampled but never fed back, so the cache ends just before it.
+            cached = ids + made[:-1]
+        except KeyboardInterrupt:      # Ctrl-C: stop this answer, keep the conversation
+            print("\n(stopped)")
+            answer, cached = "", ids[:keep]  # positions past keep may be half-written: trust only the prefix
+        history += [{"role": "user", "content": line}, {"role": "assistant", "content": answer}]
+        turns.append({"tokens": len(ids), "reused": keep, "answer": answer})
+    model.clear_cache()
+    return turns
+
+
+def main(argv=None):
+    cfg = configure(settings, argv)
+    check_device(cfg["device"])
+    if cfg["interactive"] and not cfg["chat"]:
+        sys.exit("error: interactive=True is a conversation: pass --chat=True too")
+    base = base_folder(cfg["init_from"], cfg["adapter"])
     ptdtype = resolve_dtype(cfg["dtype"], cfg["device"])
     try:
         model = Llama.from_pretrained(base, dtype=ptdtype, device=cfg["device"],
@@ -82,6 +158,10 @@ def main(argv=None):
     model.eval()
     tok = Tokenizer(base)
 
+    torch.manual_seed(cfg["seed"])
+    if cfg["interactive"]:
+        chat(model, tok, cfg)
+        return
     text = cfg["prompt"]
     if text.startswith("FILE:"):
         with open(text[5:], encoding="utf-8") as f:
@@ -92,7 +172,6 @@ def main(argv=None):
         ids = tok.encode_chat(messages)
     else:
         ids = tok.encode(text, bos=tok.add_bos)
-    torch.manual_seed(cfg["seed"])
     for i in range(cfg["num_samples"]):
         if not cfg["chat"]:
             sys.stdout.write(text)

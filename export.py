@@ -1,0 +1,270 @@
+"""
+From a fine-tuned adapter to one file that llama.cpp, Ollama and LM Studio run: GGUF.
+
+    python export.py --adapter=out/quickstart --out=smollm2-persian.gguf            # f16
+    python export.py --adapter=out/quickstart --out=smollm2-persian-q8.gguf --type=q8_0
+    python export.py --init_from=checkpoints/SmolLM2-135M-Instruct --out=smollm2.gguf --type=q4_0
+
+A GGUF file is a header of key/value metadata (the architecture's sizes, the tokenizer, the chat template), a
+table of tensors (name, shape, type, offset), then the tensor bytes. Everything llama.cpp needs is in that one
+file; nothing is read from config.json or tokenizer.json at run time.
+
+The steps, top to bottom: load the base in fp32 and merge the adapter into it (lora.py), rename each tensor to
+llama.cpp's name and put q/k rows back in llama.cpp's interleaved RoPE order (the inverse of what convert.py does
+when it reads a GGUF), choose each tensor's type, write the metadata and the tokenizer, then the tensors.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+# -- settings (defaults; override with --key=value or a config file, see configurator.py) -------------------------
+init_from = ""               # checkpoint folder; "" -> the adapter's base model, else the bundled SmolLM2
+adapter = ""                 # a LoRA adapter folder to merge in (PEFT format, e.g. a train.py out_dir)
+out = ""                     # the .gguf file to write (must not exist yet)
+type = "f16"                 # f32 | f16 | bf16 | q8_0 | q4_0: the type of the 2-D weight matrices
+dequantize = False           # a 4-bit (NF4) checkpoint: write its dequantized weights (GGUF has no NF4 type)
+# -------------------------------------------------------------------------------------------------------------------
+settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+
+import gguf  # noqa: E402
+
+from configurator import configure  # noqa: E402
+from convert import GGUF_KEYS, atomic_write, half_to_interleaved  # noqa: E402
+
+G = gguf.GGMLQuantizationType
+TYPES = {  # --type -> (the matrices' GGML type, the file_type llama.cpp reports)
+    "f32": (G.F32, gguf.LlamaFileType.ALL_F32),
+    "f16": (G.F16, gguf.LlamaFileType.MOSTLY_F16),
+    "bf16": (G.BF16, gguf.LlamaFileType.MOSTLY_BF16),
+    "q8_0": (G.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (G.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
+}
+OUR_KEYS = {ours: theirs for theirs, ours in GGUF_KEYS.items()}  # our (HF) name -> llama.cpp's, {i}-patterns
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tensors: llama.cpp's names, llama.cpp's q/k order, and a type per tensor.
+
+def gguf_name(key):
+    """model.layers.3.self_attn.q_proj.weight -> blk.3.attn_q.weight (the table is convert.py's, read backwards)."""
+    parts = key.split(".")
+    if len(parts) > 3 and parts[1] == "layers":
+        pattern = ".".join(parts[:2] + ["{i}"] + parts[3:])
+        return OUR_KEYS[pattern].format(i=parts[2])
+    return OUR_KEYS[key]
+
+
+def gguf_tensors(model):
+    """(llama.cpp name, fp32 tensor) for every weight. A tied output head is not written: llama.cpp uses
+    token_embd for the output when output.weight is absent, as our model does."""
+    args = model.args
+    for key, w in model.state_dict().items():
+        if key == "lm_head.weight" and args.tie_embeddings:
+            continue
+        w = w.detach().float().cpu()
+        # llama.cpp's RoPE rotates interleaved pairs (x0, x1), (x2, x3), ... as Meta's code did; Hugging Face
+        # checkpoints (and we) rotate halves. Permuting q/k rows back makes llama.cpp compute the same thing.
+        if key.endswith("q_proj.weight"):
+            w = half_to_interleaved(w, args.n_heads)                  # (n_heads*head_dim, dim)
+        elif key.endswith("k_proj.weight"):
+            w = half_to_interleaved(w, args.n_kv_heads)               # (n_kv_heads*head_dim, dim)
+        yield gguf_name(key), w
+    if args.rope_scaling and args.rope_scaling.get("rope_type", args.rope_scaling.get("type")) == "llama3":
+        # llama.cpp reads Llama 3.1's frequency scaling as one divisor per frequency (rope_freqs.weight),
+        # the same numbers model.py's rope_frequencies applies: plain frequency / scaled frequency.
+        from model import rope_frequencies
+        plain = rope_frequencies(args.head_dim, args.rope_theta)                          # (head_dim/2,)
+        yield "rope_freqs.weight", plain / rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
+
+
+def tensor_type(w, wanted):
+    """1-D tensors (the RMSNorm gains, rope_freqs) stay f32, as llama.cpp keeps them: they are tiny and its norm
+    kernels read f32. q8_0 and q4_0 cut each row into blocks of 32 values, so a matrix whose rows are not a multiple
+    of 32 long cannot use them: it falls back to f16 (llama.cpp's converter does the same)."""
+    if w.dim() == 1:
+        return G.F32
+    block = gguf.GGML_QUANT_SIZES[wanted][0]
+    return wanted if w.shape[1] % block == 0 else G.F16
+
+
+def encode_tensor(w, qtype):
+    """fp32 torch tensor -> the numpy array GGUF stores (uint8 blocks for the quantized types)."""
+    a = w.contiguous().numpy()                                         # (out, in) float32
+    if qtype == G.F32:
+        return a
+    if qtype == G.F16:
+        return a.astype(np.float16)                                    # round to nearest, as torch's .half()
+    return gguf.quants.quantize(a, qtype)                              # (out, in_bytes) uint8: bf16, q8_0, q4_0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tokenizer, as llama.cpp wants it: every token by id, its type, and the rules to split text.
+
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # llama.cpp's token types
+
+
+def bpe_pre_tokenizer(pre):
+    """Name the splitting rule of a byte-level BPE tokenizer.json the way llama.cpp does (tokenizer.ggml.pre):
+    llama.cpp has each rule built in and only needs its name."""
+    steps = pre.get("pretokenizers", [pre]) if pre else []
+    kinds = [s.get("type") for s in steps]
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+        return "smollm"                        # every digit on its own, then GPT-2's splitting (SmolLM2)
+    pattern = steps[0].get("pattern", {}).get("Regex", "") if kinds and kinds[0] == "Split" else ""
+    if kinds == ["Split", "ByteLevel"] and r"\p{N}{1,3}" in pattern:
+        return "llama-bpe"                     # Llama 3's regex: numbers in groups of up to three digits
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt2"
+    raise ValueError(f"tokenizer.json: unknown pre-tokenizer {kinds}; llama.cpp needs its name "
+                     f"(this exporter knows SmolLM2's, Llama 3's and GPT-2's)")
+
+
+def bpe_vocab(folder):
+    with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as f:
+        tj = json.load(f)
+    if tj["model"].get("type") != "BPE":
+        raise ValueError(f"{folder}/tokenizer.json: a {tj['model'].get('type')} model; only byte-level BPE exports")
+    tokens = {i: t for t, i in tj["model"]["vocab"].items()}
+    types = {i: NORMAL for i in tokens}
+    for a in tj.get("added_tokens", []):
+        tokens[a["id"]] = a["content"]
+        types[a["id"]] = CONTROL if a.get("special") else USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]  # "a b", rank order
+    return tokens, types, None, merges, bpe_pre_tokenizer(tj.get("pre_tokenizer"))
+
+
+def sentencepiece_vocab(folder):
+    import sentencepiece
+    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model"))
+    tokens, types, scores = {}, {}, {}
+    for i in range(sp.get_piece_size()):
+        tokens[i], scores[i] = sp.id_to_piece(i), sp.get_score(i)
+        types[i] = (CONTROL if sp.is_control(i) else UNKNOWN if sp.is_unknown(i) else BYTE if sp.is_byte(i)
+                    else UNUSED if sp.is_unused(i) else NORMAL)
+    return tokens, types, scores, None, None
+
+
+def add_tokenizer(w, folder, vocab_size):
+    from tokenizer import Tokenizer
+    tok = Tokenizer(folder)
+    if tok.kind == "bpe":
+        tokens, types, scores, merges, pre = bpe_vocab(folder)
+        w.add_tokenizer_model("gpt2")          # llama.cpp's name for byte-level BPE
+        w.add_tokenizer_pre(pre)
+    else:
+        tokens, types, scores, merges, pre = sentencepiece_vocab(folder)
+        w.add_tokenizer_model("llama")         # llama.cpp's name for SentencePiece
+    if max(tokens) >= vocab_size:
+        raise ValueError(f"{folder}: the tokenizer has {max(tokens) + 1} tokens, the model only {vocab_size} rows")
+    # llama.cpp wants one entry per embedding row: rows the tokenizer never produces get placeholder names.
+    names = [tokens.get(i, f"[PAD{i}]") for i in range(vocab_size)]
+    w.add_token_list(names)
+    w.add_token_types([types.get(i, UNUSED) for i in range(vocab_size)])
+    if scores is not None:
+        w.add_token_scores([scores.get(i, 0.0) for i in range(vocab_size)])
+    if merges is not None:
+        w.add_token_merges(merges)
+    pad = None
+    cfg_path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.exists(cfg_path):
+        with open(cfg_path, encoding="utf-8") as f:
+            pad = json.load(f).get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+    for tid, add in ((tok.bos_id, w.add_bos_token_id), (tok.eos_id, w.add_eos_token_id),
+                     (names.index(pad) if pad in names else None, w.add_pad_token_id)):
+        if tid is not None:
+            add(tid)
+    w.add_add_bos_token(bool(tok.add_bos))
+    w.add_chat_template(tok.chat_template)     # the template sample.py uses: llama.cpp renders chats with it
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def add_metadata(w, model, folder, ftype):
+    a = model.args
+    ctx = a.max_seq_len
+    cfg_path = os.path.join(folder, "config.json")
+    if os.path.exists(cfg_path):  # model.py caps max_seq_len at 8192; the file states what the model was trained for
+        with open(cfg_path) as f:
+            ctx = json.load(f).get("max_position_embeddings", ctx)
+    w.add_name(os.path.basename(os.path.normpath(folder)))
+    w.add_context_length(ctx)
+    w.add_embedding_length(a.dim)
+    w.add_block_count(a.n_layers)
+    w.add_feed_forward_length(a.hidden_dim)
+    w.add_head_count(a.n_heads)
+    w.add_head_count_kv(a.n_kv_heads)
+    if a.head_dim != a.dim // a.n_heads:  # llama.cpp assumes dim / n_heads unless told
+        w.add_key_length(a.head_dim)
+        w.add_value_length(a.head_dim)
+    w.add_rope_freq_base(a.rope_theta)
+    w.add_rope_dimension_count(a.head_dim)
+    w.add_layer_norm_rms_eps(a.norm_eps)
+    w.add_vocab_size(a.vocab_size)
+    w.add_file_type(ftype)
+    if ftype not in (gguf.LlamaFileType.ALL_F32, gguf.LlamaFileType.MOSTLY_F16, gguf.LlamaFileType.MOSTLY_BF16):
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def write_gguf(model, folder, path, type_name="f16", progress=True):
+    """Write a dense (merged) model and the tokenizer of checkpoint `folder` as a GGUF file at `path`."""
+    from tqdm import tqdm
+    qtype, ftype = TYPES[type_name]
+    w = gguf.GGUFWriter(None, "llama")
+    add_metadata(w, model, folder, ftype)
+    add_tokenizer(w, folder, model.args.vocab_size)
+    # The table of tensors comes before their bytes, so every shape and type is declared first; the bytes are
+    # then converted one tensor at a time while writing (a model never sits in memory twice).
+    plan = [(name, t, tensor_type(t, qtype)) for name, t in gguf_tensors(model)]
+    for name, t, tt in plan:
+        block, size = gguf.GGML_QUANT_SIZES[tt]
+        w.add_tensor_info(name, tuple(t.shape), np.float32, t.numel() // block * size, raw_dtype=tt)
+
+    def write(tmp):
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for name, t, tt in tqdm(plan, desc=f"writing {type_name}", unit="tensor", disable=not progress):
+            w.write_tensor_data(encode_tensor(t, tt))
+        w.close()
+    atomic_write(path, write)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    cfg = configure(settings, argv)
+    from lora import load_adapter, merge_lora
+    from model import Llama
+    from quant import Linear4bit
+    from sample import base_folder
+    if cfg["type"] not in TYPES:
+        sys.exit(f"error: type must be one of {', '.join(TYPES)}, got {cfg['type']!r}")
+    if not cfg["out"]:
+        sys.exit("error: pass --out=NAME.gguf, the file to write")
+    if os.path.exists(cfg["out"]):
+        sys.exit(f"error: {cfg['out']} exists; pass a new --out file (nothing is overwritten)")
+    base = base_folder(cfg["init_from"], cfg["adapter"])
+    try:
+        model = Llama.from_pretrained(base, dtype=torch.float32)  # merge in fp32, round once when writing
+        if any(isinstance(m, Linear4bit) for m in model.modules()) and not cfg["dequantize"]:
+            sys.exit(f"error: {base} is a 4-bit (NF4) checkpoint and GGUF has no NF4 type; pass --dequantize=True "
+                     f"to write its dequantized weights (better: export from the 16-bit base it was made from)")
+        if cfg["adapter"]:
+            load_adapter(model, cfg["adapter"])
+        merge_lora(model)  # W0 + scaling * B A into every adapted layer; 4-bit layers become dense
+        write_gguf(model, base, cfg["out"], cfg["type"])
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    size = os.path.getsize(cfg["out"]) / 2**20
+    print(f"wrote {cfg['out']} ({cfg['type']}, {size:.1f} MiB) from {base}"
+          + (f" + {cfg['adapter']}" if cfg["adapter"] else ""))
+
+
+if __name__ == "__main__":
+    main()
