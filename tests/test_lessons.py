@@ -7,7 +7,8 @@ The course must keep working: every lesson's code runs, and every pointer into t
   message names the lesson, the block number and the error. ```bash / ```text blocks are never run.
 - Every `file.py: name` reference in the lessons (and README) names a file that exists and a function, class,
   method or module-level name defined in it; every relative markdown link or image resolves.
-- Every numbered lesson has runnable code and ends with an exercise; README lists every lesson.
+- Every numbered lesson has runnable code and ends with an exercise, optionally followed by its worked
+  solutions (a last '## Solutions' section); README lists every lesson.
 - lessons/make_figures.py regenerates every figure the lessons show (except the loss curve of a real run).
 """
 import ast
@@ -147,7 +148,10 @@ def test_lesson_shape(lesson):
     assert text.startswith(f"# {lesson[:2]} "), f"{lesson} must start with '# {lesson[:2]} <title>'"
     assert code_blocks(text), f"{lesson} has no ```python block"
     headings = re.findall(r"^## (.+)$", text, flags=re.M)
-    assert headings and headings[-1].startswith("Exercise"), f"{lesson} must end with an '## Exercise' section"
+    if headings and headings[-1] == "Solutions":
+        headings = headings[:-1]  # worked solutions may follow the exercise
+    assert headings and headings[-1].startswith("Exercise"), \
+        f"{lesson} must end with an '## Exercise' section (optionally followed by '## Solutions')"
 
 
 def test_readme_lists_every_lesson_in_order():
