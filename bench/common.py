@@ -37,6 +37,21 @@ def median(xs):
     return statistics.median(xs)
 
 
+def interleaved_seconds(systems, device, iters, reps):
+    """{name: median seconds per call} for in-process comparisons: one warm-up call each (Triton compiles, caches
+    fill), then `reps` rounds, each timing `iters` calls of every system in turn."""
+    seconds = {name: [] for name in systems}
+    for fn in systems.values():
+        fn()
+    for _ in range(reps):
+        for name, fn in systems.items():
+            with Timer(device) as t:
+                for _ in range(iters):
+                    fn()
+            seconds[name].append(t.seconds / iters)
+    return {name: median(s) for name, s in seconds.items()}
+
+
 def pick_device(name):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

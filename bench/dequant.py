@@ -34,7 +34,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import Timer, add_common_args, machine_note, median, pick_device, set_threads, summary
+from common import add_common_args, interleaved_seconds, machine_note, pick_device, set_threads, summary
 
 
 def bnb_state(state, dtype):
@@ -109,16 +109,7 @@ def main(argv=None):
           f"-> {dtype} on {device}; {iters} calls per timing, {a.reps} interleaved rounds, "
           f"outputs {agree}; {machine_note()}")
 
-    seconds = {name: [] for name in systems}  # per call
-    for fn in systems.values():
-        fn()                                  # warm-up: Triton compiles here, caches fill
-    for _ in range(a.reps):
-        for name, fn in systems.items():
-            with Timer(device) as t:
-                for _ in range(iters):
-                    fn()
-            seconds[name].append(t.seconds / iters)
-    t = {name: median(s) for name, s in seconds.items()}
+    t = interleaved_seconds(systems, device, iters, a.reps)  # per call
     out_bytes = n * torch.finfo(dtype).bits // 8
     out_gbs = {name: out_bytes / s / 1e9 for name, s in t.items()}
     moved_gbs = {name: moved / s / 1e9 for name, s in t.items()}
@@ -178,16 +169,7 @@ def decode(a):
           f"{iters} tokens per timing, {a.reps} interleaved rounds; {machine_note()}")
 
     systems = {"fused": fused, "dequant_matmul": dequant_matmul}
-    seconds = {name: [] for name in systems}  # per token
-    for fn in systems.values():
-        fn()                                  # warm-up: Triton compiles here
-    for _ in range(a.reps):
-        for name, fn in systems.items():
-            with Timer(device) as t:
-                for _ in range(iters):
-                    fn()
-            seconds[name].append(t.seconds / iters)
-    t = {name: median(s) for name, s in seconds.items()}
+    t = interleaved_seconds(systems, device, iters, a.reps)  # per token
     for name in systems:
         print(f"  {name:15s} {t[name] * 1e3:9.3f} ms per token, {moved[name] / 1e9:.3f} GB moved, "
               f"{moved[name] / t[name] / 1e9:.1f} GB/s")
