@@ -355,7 +355,7 @@ def main(argv=None):
     base = cfg["init_from"] or os.path.join("checkpoints", "SmolLM2-135M-Instruct")
     if not os.path.isdir(base):
         sys.exit(f"error: checkpoint folder {base!r} not found. Create it with: python prepare.py [<hub repo id>]"
-                 + (f", or pass --init_from=<the base the adapter was trained on>" if cfg["adapter"] else ""))
+                 + (", or pass --init_from=<the base the adapter was trained on>" if cfg["adapter"] else ""))
     threshold = cfg["null_threshold"]
     if threshold == "":
         threshold = (trained.get("metrics.json") or {}).get("null_threshold") or 0.0

@@ -12,10 +12,8 @@ loads without renaming and a LoRA adapter's keys are the module path plus ".lora
 Reading order: ModelArgs -> RMSNorm -> rotary -> Attention (+ KV cache) -> MLP -> Block -> Llama -> loading.
 """
 
-import json
 import math
-import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

@@ -93,7 +93,7 @@ def common_prefix(a, b):
     return n
 
 
-def chat(model, tok, cfg, read=input):
+def conversation(model, tok, cfg, read=input):
     """Read user turns with read() until EOF or /exit; stream each answer. Returns one record per answered turn:
     {"tokens": the prompt's length, "reused": how many of them came from the cache, "answer": the text}."""
     system, history, turns = cfg["system"], [], []
@@ -160,7 +160,7 @@ def main(argv=None):
 
     torch.manual_seed(cfg["seed"])
     if cfg["interactive"]:
-        chat(model, tok, cfg)
+        conversation(model, tok, cfg)
         return
     text = cfg["prompt"]
     if text.startswith("FILE:"):

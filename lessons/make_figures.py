@@ -107,7 +107,7 @@ def lora_shapes(path):
         ax.add_patch(plt.Rectangle((x, y), w, h, facecolor=color, edgecolor="black"))
         ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=10)
 
-    box(0, 0, k, d, "#d9d9d9", f"W0\nd x k\nfrozen")
+    box(0, 0, k, d, "#d9d9d9", "W0\nd x k\nfrozen")
     ax.text(k + 5, d / 2, "+", fontsize=22, ha="center", va="center")
     box(k + 10, 0, r, d, "#f4a582", "")
     ax.text(k + 10 + r / 2, -4, "B\nd x r\nstarts at 0", ha="center", va="top", fontsize=9)
@@ -341,7 +341,7 @@ def double_quant(path):
     ax.text(0.3, 6.35, f"1. the weight, flattened ({n:,} values of a 4096 x 4096 matrix), cut into blocks of {bs}",
             fontsize=9.5, weight="bold")
     strip(5.55, 12, "#d9d9d9", [f"block\n{j}" for j in range(11)] + ["..."])
-    ax.text(8.0, 5.82, f"each weight: a 4-bit NF4 code (w / absmax of its block)\n-> 4 bits per weight",
+    ax.text(8.0, 5.82, "each weight: a 4-bit NF4 code (w / absmax of its block)\n-> 4 bits per weight",
             fontsize=8.5, va="center")
     # Level 2: one fp32 absmax per block.
     ax.text(0.3, 5.05, f"2. one absmax per block: {n // bs:,} values (fp32 = 32 bits, shared by {bs} weights)",

@@ -52,7 +52,7 @@ def test_cached_turns_equal_runs_from_scratch(chat_dir, capsys):
     model, tok = Llama.from_pretrained(chat_dir), Tokenizer(chat_dir)
     lines = ["Hello!", "پایتخت ایران کجاست؟", "/system Answer in one word.", "And of France? 🇫🇷", "/reset",
              "Again from the start", "/exit", "never read"]
-    turns = sample.chat(model, tok, CFG, read=scripted(lines))
+    turns = sample.conversation(model, tok, CFG, read=scripted(lines))
     shown = capsys.readouterr().out
     assert "(system message set)" in shown and "(history cleared)" in shown
     assert len(turns) == 4
@@ -88,7 +88,7 @@ def test_ctrl_c_stops_an_answer_and_keeps_the_conversation(chat_dir, capsys, mon
             raise KeyboardInterrupt
         return real_stream(*args, **kwargs)
     monkeypatch.setattr(sample, "stream", interrupted_once)
-    turns = sample.chat(model, tok, CFG, read=scripted(["first", KeyboardInterrupt(), "second"]))  # then Ctrl-D
+    turns = sample.conversation(model, tok, CFG, read=scripted(["first", KeyboardInterrupt(), "second"]))  # then Ctrl-D
     assert "(stopped)" in capsys.readouterr().out
     assert [t["answer"] for t in turns][0] == "" and turns[1]["answer"]
     assert turns[1]["reused"] <= turns[0]["reused"]  # nothing written during the stopped answer is trusted

@@ -5,7 +5,6 @@ import os
 import shutil
 
 import gguf
-import numpy as np
 import pytest
 import torch
 
