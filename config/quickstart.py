@@ -1,5 +1,5 @@
 # The CPU quickstart: LoRA on the bundled SmolLM2-135M-Instruct, on bundled Persian QA data written for this
-# project. Under 10 minutes on 2 CPU cores with native bf16 (AVX-512-BF16); training steps take 1.6x longer in fp32.
+# project. About 10 minutes on 2 CPU cores with native bf16 (AVX-512-BF16); training steps take 1.6x longer in fp32.
 # Run `python prepare.py` once first (converts the bundled model). Lesson 15 explains every choice below.
 init_from = "checkpoints/SmolLM2-135M-Instruct"
 out_dir = "out/quickstart"
