@@ -299,11 +299,28 @@ def best_threshold(readings, golds):
 
 
 def answer_questions(model, tok, rows, cfg, ctx=None, threshold=0.0, progress=False):
-    """Read and decide in one call: (score dict, predictions, readings), the numbers train.py prints."""
+    """Read and decide in one call: (score dict, predictions, readings), as `python evaluate.py` reports them."""
     readings = read(model, tok, rows, cfg["max_seq_len"], cfg["max_new_tokens"],
-                    cfg["eval_batch_size"] or cfg["batch_size"], cfg["device"], ctx, progress)
+                    cfg.get("eval_batch_size") or cfg["batch_size"], cfg["device"], ctx, progress)
     preds = decide(readings, threshold)
     return score(preds, [r["answers"] for r in rows], [r["context"] for r in rows]), preds, readings
+
+
+def write_metrics(path, metrics):
+    """metrics.json as strict JSON: a score over no questions (nan) is written as null, not as NaN."""
+    import json
+    import math
+
+    def strict(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: strict(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [strict(x) for x in v]
+        return v
+    with open(path, "w") as f:
+        json.dump(strict(metrics), f, indent=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -319,6 +336,7 @@ def main(argv=None):
 
     from configurator import check_device, configure, resolve_dtype
     from model import Llama
+    from sample import base_folder
     from tokenizer import Tokenizer
 
     settings = dict(
@@ -339,23 +357,13 @@ def main(argv=None):
     )
     cfg = configure(settings, argv)
     check_device(cfg["device"])
+    base = base_folder(cfg["init_from"], cfg["adapter"])  # as sample.py and export.py find it
     trained = {}
-    if cfg["adapter"]:
-        from lora import read_adapter_config
-        try:
-            named = read_adapter_config(cfg["adapter"]).get("base_model_name_or_path")
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"error: {e}")
-        cfg["init_from"] = cfg["init_from"] or named or ""
-        for name in ("config.json", "metrics.json"):  # how it was trained, and the threshold chosen then
-            path = os.path.join(cfg["adapter"], name)
-            if os.path.exists(path):
-                with open(path) as f:
-                    trained[name] = json.load(f)
-    base = cfg["init_from"] or os.path.join("checkpoints", "SmolLM2-135M-Instruct")
-    if not os.path.isdir(base):
-        sys.exit(f"error: checkpoint folder {base!r} not found. Create it with: python prepare.py [<hub repo id>]"
-                 + (", or pass --init_from=<the base the adapter was trained on>" if cfg["adapter"] else ""))
+    for name in ("config.json", "metrics.json") if cfg["adapter"] else ():  # how it was trained, the threshold
+        path = os.path.join(cfg["adapter"], name)
+        if os.path.exists(path):
+            with open(path) as f:
+                trained[name] = json.load(f)
     threshold = cfg["null_threshold"]
     if threshold == "":
         threshold = (trained.get("metrics.json") or {}).get("null_threshold") or 0.0
@@ -380,14 +388,11 @@ def main(argv=None):
 
     t0 = time.time()
     try:
-        readings = read(model, tok, rows, max_len, cfg["max_new_tokens"], cfg["batch_size"], cfg["device"],
-                        progress=True)
+        s, preds, readings = answer_questions(model, tok, rows, {**cfg, "max_seq_len": max_len}, None, threshold,
+                                              progress=True)
     except ValueError as e:  # a question so long that no window of passage fits next to it
         sys.exit(f"error: {e}")
-    preds = decide(readings, threshold)
-    golds, contexts = [r["answers"] for r in rows], [r["context"] for r in rows]
-    s = score(preds, golds, contexts)
-    baseline = score([""] * len(rows), golds)  # what answering nothing at all scores on these questions
+    baseline = score([""] * len(rows), [r["answers"] for r in rows])  # what answering nothing at all scores
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "predictions.jsonl"), "w", encoding="utf-8") as f:
         for row, pred, rd in zip(rows, preds, readings):
@@ -399,8 +404,7 @@ def main(argv=None):
     metrics = {**s, "null_threshold": threshold, "always_no_answer": {"exact_match": baseline["exact_match"],
                "f1": baseline["f1"]}, "data": cfg["data"], "model": base, "adapter": cfg["adapter"],
                "max_seq_len": max_len, "seconds": round(time.time() - t0, 1)}
-    with open(os.path.join(out, "metrics.json"), "w") as f:  # strict JSON: NaN (no such questions) -> null
-        json.dump(json.loads(json.dumps(metrics).replace("NaN", "null")), f, indent=2)
+    write_metrics(os.path.join(out, "metrics.json"), metrics)
     print(summary(s))
     print(f"always answering 'no answer' scores F1 {baseline['f1']:.1f} here. "
           f"Predictions and metrics in {out}/ ({time.time() - t0:.0f} s)")

@@ -73,7 +73,7 @@ settings = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 
 from configurator import check_device, configure, resolve_dtype  # noqa: E402
 import data  # noqa: E402
-from evaluate import best_threshold, decide, read, score, summary, val_loss  # noqa: E402
+from evaluate import best_threshold, decide, read, score, summary, val_loss, write_metrics  # noqa: E402
 from lora import apply_lora, lora_layers, save_adapter, trainable_report  # noqa: E402
 from model import Llama  # noqa: E402
 from optim import PagedAdamW  # noqa: E402
@@ -488,8 +488,7 @@ def main(argv=None):
                    "null_threshold": threshold, "val_loss": history["val"], "skipped_steps": history.get("skipped", 0),
                    "train_loss_last": history["train"][-1][1] if history["train"] else None,
                    "peak_memory_bytes": peak_memory(device), "estimated_memory_bytes": est["total"]}
-        with open(os.path.join(cfg["out_dir"], "metrics.json"), "w") as f:  # strict JSON: NaN (no such questions) -> null
-            json.dump(json.loads(json.dumps(metrics).replace("NaN", "null")), f, indent=2)
+        write_metrics(os.path.join(cfg["out_dir"], "metrics.json"), metrics)
         print(f"peak memory: {gib(peak_memory(device))} measured ({'GPU allocated' if device.startswith('cuda') else 'process RSS'}), "
               f"{gib(est['total'])} estimated. Adapter and metrics in {cfg['out_dir']}")
     if ddp:

@@ -274,3 +274,17 @@ def test_evaluate_command_bad_input(tiny_dir, tmp_path):
         evaluate.main([f"--init_from={tmp_path / 'nope'}"])
     with pytest.raises(SystemExit, match="null_threshold must be a number"):
         evaluate.main([f"--init_from={tiny_dir}", "--null_threshold=high"])
+
+
+def test_metrics_are_strict_json(tmp_path):
+    """A score over no questions (nan) becomes null; strings that merely contain "NaN" stay as they are."""
+    import json
+
+    from evaluate import write_metrics
+    path = tmp_path / "metrics.json"
+    write_metrics(path, {"f1": float("nan"), "data": "NaNa.jsonl", "val_loss": [(0, float("inf")), (1, 0.5)],
+                         "test": {"invented": float("nan"), "n": 3}})
+    text = path.read_text()
+    assert "NaN" not in text.replace("NaNa", "") and "Infinity" not in text
+    assert json.loads(text) == {"f1": None, "data": "NaNa.jsonl", "val_loss": [[0, None], [1, 0.5]],
+                                "test": {"invented": None, "n": 3}}
