@@ -29,6 +29,7 @@ sys.path.insert(0, ROOT)  # first, even if already there: "import train" is the 
 import kernels  # noqa: E402
 import quant  # noqa: E402
 import train  # noqa: E402  (memory_estimate, optimizer_step: the numbers and the step train.py uses)
+from train import gib  # noqa: E402
 from configurator import configure  # noqa: E402
 from convert import expected_shape, load_state_one_by_one  # noqa: E402
 from lora import apply_lora  # noqa: E402
@@ -45,10 +46,6 @@ SHAPES = {
 ANSWER_TOKENS = 64  # per sequence: the answer span and its end-of-turn token, longer than most PersianQA answers
 
 
-def gib(n):
-    return f"{n / 2**30:.2f} GiB"
-
-
 def memory_now(device):
     if device.startswith("cuda"):
         return torch.cuda.memory_allocated(device)
@@ -62,7 +59,7 @@ def random_tensors(args, device, dtype):
         keys = list(Llama(args).state_dict())
     g = torch.Generator(device=device).manual_seed(0)
     for key in keys:
-        if key.startswith("rope_") or (args.tie_embeddings and key == "lm_head.weight"):
+        if args.tie_embeddings and key == "lm_head.weight":  # a tied head is the embedding: not stored
             continue
         shape = expected_shape(key, args)
         if key.endswith("norm.weight"):
