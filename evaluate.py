@@ -373,7 +373,8 @@ def main(argv=None):
     try:
         rows, _ = data.load_qa_rows(cfg["data"])
         dtype = resolve_dtype(cfg["dtype"], cfg["device"])
-        model = Llama.from_pretrained(base, dtype=dtype, device=cfg["device"], max_seq_len=max_len + cfg["max_new_tokens"] + 64,
+        model = Llama.from_pretrained(base, dtype=dtype, device=cfg["device"],
+                                      max_seq_len=max_len + cfg["max_new_tokens"] + 64,
                                       quantize=None if cfg["quantize"] == "none" else cfg["quantize"])
         if cfg["adapter"]:
             from lora import load_adapter
@@ -398,7 +399,8 @@ def main(argv=None):
         for row, pred, rd in zip(rows, preds, readings):
             f.write(json.dumps({"id": row["id"], "question": row["question"], "answers": row["answers"],
                                 "prediction": pred, "em": exact_match(pred, row["answers"]),
-                                "f1": f1_score(pred, row["answers"]), "found_in_passage": found_in_passage(pred, row["context"]),
+                                "f1": f1_score(pred, row["answers"]),
+                                "found_in_passage": found_in_passage(pred, row["context"]),
                                 "best_answer": rd["answer"], "null_diff": rd["null_diff"],
                                 "window": rd["window"], "windows": rd["windows"]}, ensure_ascii=False) + "\n")
     metrics = {**s, "null_threshold": threshold, "always_no_answer": {"exact_match": baseline["exact_match"],

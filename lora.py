@@ -408,8 +408,9 @@ def load_adapter(model, adapter_dir):
 # ----------------------------------------------------------------------------------------------------------------
 # The merge command:
 #   python lora.py --base checkpoints/X --adapter out/run --out checkpoints/X-merged
-# loads the base (dense, in the dtype it will write), loads the adapter, merges, and writes a Hugging Face folder that any LLaMA tool
-# (transformers, llama.cpp's converter, vLLM) loads as a normal model, with the base's tokenizer files next to it.
+# loads the base (dense, in the dtype it will write), loads the adapter, merges, and writes a Hugging Face folder
+# that any LLaMA tool (transformers, llama.cpp's converter, vLLM) loads as a normal model, with the base's
+# tokenizer files next to it.
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja", "generation_config.json")
