@@ -75,6 +75,17 @@ def test_generate_nf4_smoke(tiny_checkpoint):
     check_line(lines["generate_nf4_tokens_per_s"], "tok/s")
 
 
+def test_reading_smoke(tiny_dir):
+    """bench/reading.py: evaluate.py's reading with and without its levers; sharing the passage changes no answer."""
+    proc = run_bench("reading.py", "--smoke", "--checkpoint", tiny_dir)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    m = re.search(r"(\d+)/(\d+) answers identical, null_diff within ([0-9.e+-]+)", proc.stdout)
+    assert m and m.group(1) == m.group(2) == "6" and float(m.group(3)) < 1e-3, proc.stdout
+    lines = summaries(proc.stdout)
+    assert set(lines) == {"reading_seconds_per_question"}
+    check_line(lines["reading_seconds_per_question"], "s")
+
+
 def test_dequant_smoke():
     proc = run_bench("dequant.py", "--smoke", "--device", "cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr

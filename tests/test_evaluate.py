@@ -208,8 +208,13 @@ def test_read_scores_equal_teacher_forced_log_probs(tiny_dir, tok):
         off = na_dists.scatter(-1, torch.tensor(na)[:, None], float("-inf")).max(-1)
         turn = int((na_lp.cumsum(0) - na_lp + off.values)[:first_word].argmax())
         answer = na[:turn] + [int(off.indices[turn])]
-        while len(answer) < 10 and answer[-1] not in tok.stop_ids:   # greedy to the end of turn
-            answer.append(int(logprobs(answer)[1][-1].argmax()))
+
+        def first_line_over(ids):  # a newline after visible text ends the answer's first line
+            text = tok.decode(ids)
+            return "\n" in text.lstrip()
+
+        while len(answer) < 10 and answer[-1] not in tok.stop_ids and not first_line_over(answer):
+            answer.append(int(logprobs(answer)[1][-1].argmax()))    # greedy to the end of turn or of the line
         ans_lp, _ = logprobs(answer)
         stop = next((i for i, t in enumerate(answer) if t in tok.stop_ids), len(answer))
         assert r["answer"] == evaluate.answer_from_generation(tok.decode(answer[:stop]))
@@ -288,3 +293,33 @@ def test_metrics_are_strict_json(tmp_path):
     assert "NaN" not in text.replace("NaNa", "") and "Infinity" not in text
     assert json.loads(text) == {"f1": None, "data": "NaNa.jsonl", "val_loss": [[0, None], [1, 0.5]],
                                 "test": {"invented": None, "n": 3}}
+
+
+def test_shared_prefill_equals_plain_prefill(bundled_dir, tok):
+    """Reading a passage once for all its questions (evaluate.prefill_shared: keys moved by rotation) gives the
+    logits, and leaves the cache, that one left-padded pass over the whole prompts gives."""
+    import data
+    import evaluate
+    from model import Llama, left_pad
+    model = Llama.from_pretrained(bundled_dir, max_seq_len=512).eval()
+    rows, _ = data.load_qa_rows(SAMPLE)
+    rows = rows[:7]  # three passages: 3, 3 and 1 questions
+    prompts = [tok.encode_chat(data.qa_messages(r["context"], r["question"])) for r in rows]
+    groups = [r["context"] for r in rows]
+    assert len(set(groups)) == 3
+    with torch.no_grad():
+        shared, T, n_pad = evaluate.prefill_shared(model, prompts, groups, extra=4)
+        shared_k = model.model.layers[-1].self_attn.cache_k.clone()
+        idx, pad = left_pad(prompts, pad_id=0)
+        model.setup_cache(len(prompts), T + 4, n_pad=pad)
+        plain = model.lm_head(model.hidden(idx, start_pos=0)[:, -1])
+        plain_k = model.model.layers[-1].self_attn.cache_k
+        model.clear_cache()
+    assert torch.equal(n_pad, pad) and T == idx.shape[1]
+    assert (shared - plain).abs().max() < 1e-5 * plain.abs().max()   # fp32 rounding of the other route (9e-7 seen)
+    real = torch.arange(T)[None, :] >= pad[:, None]                   # (B, T) positions that hold prompt tokens
+    diff = (shared_k - plain_k)[:, :, :T].abs()                       # (B, n_kv_heads, T, head_dim)
+    assert diff[real[:, None, :, None].expand_as(diff)].max() < 1e-3
+    # the groups' prefixes really were shared: a wrong rotation moves the keys by far more than the bound
+    wrong = evaluate._shift_keys(plain_k, torch.ones(len(prompts), dtype=torch.long), model.rope_cos, model.rope_sin)
+    assert (wrong - plain_k).abs().max() > 0.1
