@@ -99,9 +99,12 @@ def get_lr(it, cfg, total):
     return low + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg["learning_rate"] - low)
 
 
-def memory_estimate(model, n_trainable, cfg, act_bytes):
+def memory_estimate(model, n_trainable, cfg, act_bytes, resident=0):
     """
     Bytes the run needs on the training device, from the transformer math of the notes:
+      process      on a CPU, what the process holds besides the weights before training starts (resident: its RSS
+                   then): Python, torch's libraries, tokenizer and data, what loading left. Measured, because no rule
+                   predicts it; on a GPU the measurement is allocated memory, which holds none of it.
       weights      what the model holds (a 4-bit weight counts its packed bytes and its scales)
       lora         trainable parameters, fp32: 4 bytes each; their gradients another 4
       optimizer    Adam keeps two fp32 moments: 8 bytes per trainable parameter (paged: in CPU memory instead)
@@ -133,7 +136,8 @@ def memory_estimate(model, n_trainable, cfg, act_bytes):
     mask = (1 if on_gpu else 4) if dropout else 0
     copy = (2 if dropout else 0) if autocast else (4 if dropout or act_bytes == 2 else 0)
     lora_inputs = tokens * lora_in * (copy + mask)
-    est = {"weights": weights, "lora": 4 * n_trainable, "gradients": 4 * n_trainable,
+    est = {"process": max(0, resident - weights)} if resident else {}
+    est |= {"weights": weights, "lora": 4 * n_trainable, "gradients": 4 * n_trainable,
            "optimizer": 0 if cfg["optimizer"] == "paged_adamw" else 8 * n_trainable, "activations": acts,
            "lora_inputs": lora_inputs / a.n_layers if cfg["gradient_checkpointing"] else lora_inputs}
     est["total"] = sum(est.values())
@@ -170,6 +174,30 @@ def peak_memory(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def resident_memory():
+    """The process's resident memory now, in bytes (Linux; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def give_back_freed_memory():
+    """
+    On a CPU, make freed tensors leave the process. glibc's malloc serves big blocks with mmap and unmaps them on
+    free, but after the first such free it raises that threshold (up to 32 MiB) and later blocks come from the heap,
+    which keeps freed memory for reuse: the measured peak then grows with every step's differently sized
+    activations (5.9 GiB against 2.0 estimated in an earlier quickstart). A fixed 1 MiB threshold keeps the
+    dynamic rule off, so the peak is what one step really holds (lesson 12 measures both).
+    """
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc (macOS, musl): nothing to set
+
+
 def save_checkpoint(out_dir, model, opt, cfg, base, pos, history, scaler=None):
     """
     One file holds everything a resume needs (trainable weights, optimizer, RNG, data position), written to a
@@ -186,6 +214,33 @@ def save_checkpoint(out_dir, model, opt, cfg, base, pos, history, scaler=None):
     save_adapter(model, out_dir, base_model_name_or_path=base)
     atomic_write(os.path.join(out_dir, "config.json"),
                  lambda p: open(p, "w").write(json.dumps(cfg, indent=2, default=list) + "\n"))
+
+
+def report_test(rows, base, tuned, n_examples=4):
+    """The last lines of a run: the test questions answered by the base model and by the fine-tuned one (each at the
+    threshold chosen on validation, and answering every question), and a few of them side by side."""
+    always = score([""] * len(rows), [r["answers"] for r in rows])["f1"]
+    print(f"held-out test: {len(rows)} questions, never trained on (always 'no answer' scores F1 {always:.1f})")
+    for name, run in (("base model", base), ("fine-tuned", tuned)):
+        if run is None:  # resumed from a run that did not answer them before training
+            continue
+        s, a = run["score"], run["score"]["answering_all"]
+        print(f"  {name:<10}  {summary(s)}\n  {'':<10}  answering all: has-answer F1 {a['has_answer_f1']:.1f}, "
+              f"invented {a['invented']:.1f}%")
+    if base is not None:
+        b, t = base["score"], tuned["score"]
+        print(f"  fine-tuned vs base: F1 {t['f1']:.1f} vs {b['f1']:.1f}, answered {t['answered']} vs {b['answered']}, "
+              f"invented {t['invented']:.0f}% vs {b['invented']:.0f}%; answering all: has-answer F1 "
+              f"{t['answering_all']['has_answer_f1']:.1f} vs {b['answering_all']['has_answer_f1']:.1f}, invented "
+              f"{t['answering_all']['invented']:.0f}% vs {b['answering_all']['invented']:.0f}%")
+
+    def shown(text):
+        return (text if len(text) <= 60 else text[:57] + "...") if text else "(no answer)"
+    for i in range(0, len(rows), max(1, len(rows) // n_examples))[:n_examples]:  # evenly spread, the same every run
+        print(f"\n  question   {rows[i]['question']}\n  gold       {shown(' | '.join(rows[i]['answers']))}")
+        if base is not None:
+            print(f"  base       {shown(base['predictions'][i])}")
+        print(f"  fine-tuned {shown(tuned['predictions'][i])}")
 
 
 def plot_losses(history, path):
@@ -227,6 +282,8 @@ def main(argv=None):
         cfg = {**settings, **state["config"], **overrides}  # the run's settings, plus what this command changes
     base = cfg["init_from"]
     check_device(cfg["device"])
+    if not cfg["device"].startswith("cuda"):
+        give_back_freed_memory()
 
     # -- distributed: under torchrun every process trains on its own slice of each global batch ------------------
     ddp = int(os.environ.get("RANK", -1)) != -1
@@ -331,7 +388,8 @@ def main(argv=None):
         scaler.load_state_dict(state["scaler"])
     os.makedirs(cfg["out_dir"], exist_ok=True)
     if master:
-        est = memory_estimate(raw_model, n_trainable, cfg, 2 if ptdtype != torch.float32 else 4)
+        est = memory_estimate(raw_model, n_trainable, cfg, 2 if ptdtype != torch.float32 else 4,
+                              0 if device.startswith("cuda") else resident_memory())
         print("memory estimate: " + ", ".join(f"{k} {gib(v)}" for k, v in est.items()))
         print(f"{len(train_ex)} training and {len(val_ex)} validation examples; {steps_per_epoch} steps per epoch; "
               f"training for {max_iters} steps")
@@ -347,7 +405,7 @@ def main(argv=None):
         """Readings (evaluate.py: read) of all rows, in order, each process reading its share."""
         mine = rows[rank::world]
         mine = read(raw_model, tok, mine, cfg["max_seq_len"], cfg["max_new_tokens"],
-                    cfg["eval_batch_size"] or cfg["batch_size"], device, ctx, progress and master) if mine else []
+                    cfg["eval_batch_size"] or cfg["batch_size"], ctx, progress and master) if mine else []
         if world == 1:
             return mine
         parts = [None] * world
@@ -377,6 +435,18 @@ def main(argv=None):
                   f"{summary(s)}")
         return s
 
+    def answer_test(threshold):
+        """The test questions, answered once at a threshold chosen on validation: the score at that threshold, the
+        predictions, and each question's best answer, which answering every question would give (the model's
+        reading, whatever it decides)."""
+        readings = read_all(test_rows, progress=True)
+        golds, contexts = [r["answers"] for r in test_rows], [r["context"] for r in test_rows]
+        preds = decide(readings, threshold)
+        s = score(preds, golds, contexts)
+        every = score([r["answer"] for r in readings], golds, contexts)
+        s.update(null_threshold=threshold, answering_all={k: every[k] for k in ("has_answer_f1", "answered", "invented")})
+        return {"score": s, "predictions": preds, "null_diffs": [r["null_diff"] for r in readings]}
+
     if state is None:  # the base model's numbers: what training has to beat
         if val_ex:
             history["val"].append((0, global_val_loss()))
@@ -384,6 +454,8 @@ def main(argv=None):
                 print(f"before training: val loss {history['val'][0][1]:.4f}")
         if eval_rows:
             history["before"] = answer_validation("before training")
+        if test_rows:  # the base model on the test questions, at its own threshold: the side of the comparison
+            history["base_test"] = answer_test(history["before"]["null_threshold"] if eval_rows else 0.0)
 
     # -- the loop ---------------------------------------------------------------------------------------------------
     from tqdm import tqdm
@@ -471,20 +543,18 @@ def main(argv=None):
         history["after"] = answer_validation("after training")
         threshold = history["after"]["null_threshold"]
     if test_rows:  # answered once, with the threshold chosen above: nothing is tuned on these questions
-        readings = read_all(test_rows, progress=True)
-        preds = decide(readings, threshold)
-        test = score(preds, [r["answers"] for r in test_rows], [r["context"] for r in test_rows])
+        tuned = answer_test(threshold)
+        test = tuned["score"]
     if master:
         if test_rows:
-            always_empty = score([""] * len(test_rows), [r["answers"] for r in test_rows])["f1"]
-            print(f"held-out test ({len(test_rows)} questions): {summary(test)}; "
-                  f"always 'no answer': F1 {always_empty:.1f}")
-            test["always_no_answer_f1"] = always_empty
+            report_test(test_rows, history.get("base_test"), tuned)
+            test["always_no_answer_f1"] = score([""] * len(test_rows), [r["answers"] for r in test_rows])["f1"]
             with open(os.path.join(cfg["out_dir"], "test_predictions.jsonl"), "w", encoding="utf-8") as f:
-                for row, pred, rd in zip(test_rows, preds, readings):
+                for row, pred, nd in zip(test_rows, tuned["predictions"], tuned["null_diffs"]):
                     f.write(json.dumps({"id": row["id"], "answers": row["answers"], "prediction": pred,
-                                        "null_diff": rd["null_diff"]}, ensure_ascii=False) + "\n")
+                                        "null_diff": nd}, ensure_ascii=False) + "\n")
         metrics = {"before": history["before"], "after": history["after"], "test": test,
+                   "base_test": (history.get("base_test") or {}).get("score"),
                    "null_threshold": threshold, "val_loss": history["val"], "skipped_steps": history.get("skipped", 0),
                    "train_loss_last": history["train"][-1][1] if history["train"] else None,
                    "peak_memory_bytes": peak_memory(device), "estimated_memory_bytes": est["total"]}

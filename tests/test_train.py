@@ -212,9 +212,15 @@ def test_validation_chooses_the_threshold_and_the_test_set_is_answered_once(tiny
     printed = capsys.readouterr().out
     assert "before training (4 validation questions, abstaining above null_diff " in printed
     assert "after training (4 validation questions, abstaining above null_diff " in printed
-    assert "held-out test (3 questions): EM " in printed and "always 'no answer': F1 " in printed
+    assert "held-out test: 3 questions, never trained on (always 'no answer' scores F1 " in printed
+    assert "\n  base model  EM " in printed and "\n  fine-tuned  EM " in printed and "fine-tuned vs base: F1 " in printed
+    assert printed.count("answering all: has-answer F1 ") == 3   # each model's line, and the comparison
+    assert printed.count("\n  question   ") == 3 and printed.count("\n  base       ") == 3  # side by side
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["null_threshold"] == metrics["after"]["null_threshold"]   # chosen on validation, used on test
-    assert metrics["test"]["n"] == 3 and "invented" in metrics["test"]
+    assert metrics["base_test"]["null_threshold"] == metrics["before"]["null_threshold"]  # the base's own choice
+    assert metrics["test"]["n"] == metrics["base_test"]["n"] == 3 and "invented" in metrics["test"]
+    assert set(metrics["test"]["answering_all"]) == {"has_answer_f1", "answered", "invented"}
+    assert metrics["test"]["answering_all"]["answered"] >= metrics["test"]["answered"]   # forcing can only add answers
     preds = [json.loads(line) for line in open(os.path.join(out, "test_predictions.jsonl"), encoding="utf-8")]
     assert len(preds) == 3 and all(p["prediction"] == "" for p in preds if p["null_diff"] > metrics["null_threshold"])
