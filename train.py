@@ -227,12 +227,14 @@ def report_test(rows, base, tuned, n_examples=4):
         s, a = run["score"], run["score"]["answering_all"]
         print(f"  {name:<10}  {summary(s)}\n  {'':<10}  answering all: has-answer F1 {a['has_answer_f1']:.1f}, "
               f"invented {a['invented']:.1f}%")
+    def invented(s):
+        return f"{s['invented']:.0f}%" if s["answered"] else "none"
     if base is not None:
         b, t = base["score"], tuned["score"]
         print(f"  fine-tuned vs base: F1 {t['f1']:.1f} vs {b['f1']:.1f}, answered {t['answered']} vs {b['answered']}, "
-              f"invented {t['invented']:.0f}% vs {b['invented']:.0f}%; answering all: has-answer F1 "
+              f"invented {invented(t)} vs {invented(b)}; answering all: has-answer F1 "
               f"{t['answering_all']['has_answer_f1']:.1f} vs {b['answering_all']['has_answer_f1']:.1f}, invented "
-              f"{t['answering_all']['invented']:.0f}% vs {b['answering_all']['invented']:.0f}%")
+              f"{invented(t['answering_all'])} vs {invented(b['answering_all'])}")
 
     def shown(text):
         return (text if len(text) <= 60 else text[:57] + "...") if text else "(no answer)"

@@ -115,8 +115,9 @@ def main():
     heldout, _ = data.load_qa_rows(os.path.join(HERE, "persian_qa_heldout.jsonl"))
     passages = list(dict.fromkeys(r["context"] for r in long_rows))
     val_passages = set(random.Random(SEED).sample(passages, N_VAL_PASSAGES))
-    write(cut([r for r in long_rows if r["context"] not in val_passages], rng, negatives=True),
-          "persian_qa_short_train.jsonl")
+    train = cut([r for r in long_rows if r["context"] not in val_passages], rng, negatives=True)
+    write([r for r in train if not r["id"].endswith("-elsewhere")], "persian_qa_short_train.jsonl")
+    write([r for r in train if r["id"].endswith("-elsewhere")], "persian_qa_short_elsewhere.jsonl")
     write(cut([r for r in long_rows if r["context"] in val_passages], rng, negatives=False),
           "persian_qa_short_val.jsonl")
     write(cut(heldout, rng, negatives=False), "persian_qa_short_test.jsonl")
