@@ -1,5 +1,6 @@
 """
-NF4 dequantization throughput: the step QLoRA runs twice per linear layer per training step (forward and backward).
+NF4 dequantization throughput: the step QLoRA runs for every linear layer twice per micro-batch (forward and
+backward), three times with gradient checkpointing (forward, recomputed forward, backward).
 
     python bench/dequant.py                   # a 4096 x 4096 weight (a Llama-7B attention projection)
     python bench/dequant.py --smoke           # a small weight, to check that it runs
