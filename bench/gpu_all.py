@@ -1,6 +1,7 @@
 """
-Everything a GPU owner can check in one command (about 8 minutes on one GPU at most: every step has its own
-time limit), ending in a table that is also written to a file:
+Everything a GPU owner can check in one command, ending in a table that is also written to a file. At most 8
+minutes on one GPU: every step has its own time limit and the limits add up to 480 s (plus, once, converting the
+bundled model if checkpoints/ lacks it: python prepare.py).
 
     python bench/gpu_all.py                       # on a CUDA GPU
     python bench/gpu_all.py --device=cpu --shape=tiny --init_from=DIR   # the same steps, small, on a CPU (the tests)
@@ -45,8 +46,9 @@ def steps(a):
                   f"--max_new_tokens={2 * n}", "--eval_interval=2", "--warmup_iters=1"]
     tiny = [] if gpu else ["--smoke", "--device", "cpu"]
     return [
-        ("cuda tests", [PY, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider"] + ([] if gpu else ["--collect-only"]),
-         90, (" passed", " failed", " error", " skipped", " collected", "no tests ran")),
+        ("cuda tests", [PY, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider"]
+         + ([] if gpu else ["--collect-only"]),
+         120, (" passed", " failed", " error", " skipped", " collected", "no tests ran")),
         ("gpu_check", [PY, "bench/gpu_check.py", f"--shape={a.shape}", f"--device={a.device}"]
          + ([] if gpu else ["--seq-len=64", "--decode-tokens=4", "--steps=2"]),
          120, ("loaded", "training:", "speed:", "evaluation memory:", "decoding")),
@@ -58,10 +60,11 @@ def steps(a):
         ("resume", [PY, "train.py", f"--out_dir={run_dir}", "--init_from=resume", "--max_iters=4"], 30,
          ("step 4:", "held-out test", "peak memory:")),
         ("evaluate", [PY, "evaluate.py", f"--adapter={run_dir}", "--quantize=nf4", f"--device={a.device}",
-                      f"--limit={2 * n}", f"--max_new_tokens={2 * n}", f"--out={os.path.join(out, 'eval')}"], 60, ("EM ",)),
+                      f"--limit={2 * n}", f"--max_new_tokens={2 * n}", f"--out={os.path.join(out, 'eval')}"],
+         45, ("EM ",)),
         ("torchrun", [PY, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={a.master_port}",
                       "train.py", *train_args, f"--out_dir={os.path.join(out, 'torchrun')}", "--max_iters=2",
-                      "--eval_generate=0", "--test_data="], 45, ("step 2:", "peak memory:")),
+                      "--eval_generate=0", "--test_data="], 30, ("step 2:", "peak memory:")),
     ]
 
 

@@ -88,7 +88,8 @@ def main(argv=None):
         sys.exit("error: --device cuda but torch sees no CUDA GPU; use --shape=tiny --device=cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32  # bf16 on a CPU without native support would crawl
     eval_bs = cfg["eval_batch_size"] or cfg["batch_size"]           # train.py's rule
-    args = ModelArgs(**SHAPES[a.shape], max_seq_len=cfg["max_seq_len"] + 64 + max(cfg["max_new_tokens"], a.decode_tokens))
+    longest = cfg["max_seq_len"] + 64 + max(cfg["max_new_tokens"], a.decode_tokens)  # train.py's + the decode test
+    args = ModelArgs(**SHAPES[a.shape], max_seq_len=longest)
     print(f"{a.shape} shapes on {device}, {dtype}: micro-batch {cfg['batch_size']} x {cfg['max_seq_len']} tokens, "
           f"{cfg['grad_accum']} micro-batches per optimizer step, "
           f"LoRA r={cfg['lora_r']} on {cfg['lora_targets']}, dropout {cfg['lora_dropout']}, "
@@ -168,7 +169,7 @@ def main(argv=None):
                 f"reading it" if on_gpu else " (peak: measured on a GPU only)"
     print(f"evaluation memory: KV cache {gib(kv)} ({kv / 2**20:.3f} MiB) for {eval_bs} x {L} positions{peak_eval}")
 
-    # -- decode: greedy, from the 4-bit model: the fused kernel (GPU) against dequantize-then-matmul --------------------
+    # -- decode: greedy, from the 4-bit model: the fused kernel (GPU) against dequantize-then-matmul ----------------
     def ms_per_token(batch):
         prompt = torch.randint(args.vocab_size, (batch, 16), generator=g).to(device)
         with torch.no_grad(), ctx:

@@ -164,8 +164,9 @@ def test_gpu_all_runs_its_cpu_steps(tiny_dir, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     table = tmp_path / "table.txt"
-    proc = subprocess.run([sys.executable, "bench/gpu_all.py", "--device=cpu", "--shape=tiny", f"--init_from={tiny_dir}",
-                           f"--out_dir={tmp_path}", f"--out={table}", f"--master_port={port}"], cwd=ROOT,
+    proc = subprocess.run([sys.executable, "bench/gpu_all.py", "--device=cpu", "--shape=tiny",
+                           f"--init_from={tiny_dir}", f"--out_dir={tmp_path}", f"--out={table}",
+                           f"--master_port={port}"], cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     text = table.read_text()

@@ -18,7 +18,8 @@ from tokenizer import Tokenizer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED, BATCH, MAX_LEN = 1337, 2, 320
 COMMON = ["config/quickstart.py", f"--max_seq_len={MAX_LEN}", f"--batch_size={BATCH}", "--eval_generate=0",
-          "--test_data=", "--val_limit=0", "--dtype=float32", "--warmup_iters=1", "--lora_dropout=0.0", f"--seed={SEED}"]
+          "--test_data=", "--val_limit=0", "--dtype=float32", "--warmup_iters=1", "--lora_dropout=0.0",
+          f"--seed={SEED}"]
 
 
 def free_port():
@@ -38,8 +39,8 @@ def sample_files(tmp_path, n_train):
     """n_train questions of the bundled sample to train on, 2 more to validate on: one question per passage (the
     sample asks 3 about each), so examples differ in their words."""
     rows = data.load_qa_rows(os.path.join(ROOT, "data", "persian_qa_sample.jsonl"))[0][::3]
-    return (write_rows(tmp_path / "train.jsonl", rows[:n_train]), write_rows(tmp_path / "val.jsonl", rows[n_train:n_train + 2]),
-            rows[:n_train], rows[n_train:n_train + 2])
+    train_rows, val_rows = rows[:n_train], rows[n_train:n_train + 2]
+    return write_rows(tmp_path / "train.jsonl", train_rows), write_rows(tmp_path / "val.jsonl", val_rows), train_rows, val_rows
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -51,7 +52,8 @@ def test_torchrun_trains_whole_epochs_over_a_ragged_data_set(tiny_dir, tmp_path,
     assert len(examples) == 13 and 0 < 13 % global_bs <= BATCH * (world - 1)  # the short batch starves a process
     # Without drop_last the short batch is among the first n_full batches of some epoch: a run that counted
     # n_full batches but walked the undropped list would hand some process an empty slice there.
-    assert any(len(b) < global_bs for e in range(epochs) for b in data.make_batches(examples, global_bs, SEED, e)[:n_full])
+    assert any(len(b) < global_bs
+               for e in range(epochs) for b in data.make_batches(examples, global_bs, SEED, e)[:n_full])
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
                            f"--master_port={free_port()}", "train.py", *COMMON, f"--init_from={tiny_dir}",
@@ -67,9 +69,9 @@ def test_torchrun_trains_whole_epochs_over_a_ragged_data_set(tiny_dir, tmp_path,
 
 
 def test_nan_loss_on_one_process_stops_every_process(tiny_dir, tmp_path):
-    """One token's embedding is NaN in the base model, and that token occurs in one training example only: the loss
-    turns NaN on the process that gets that example, and on no other. Both processes must stop with the error (not
-    wait for the other in an all_reduce), and the checkpoint must be the one before that step."""
+    """One token's embedding is NaN in the base model, and the first example holding that token goes to process 1
+    at some step after the first: the loss turns NaN there on process 1, not on process 0. Both processes must stop
+    with the error (not wait for the other in an all_reduce), and the checkpoint must be the one before that step."""
     train_file, val_file, rows, val_rows = sample_files(tmp_path, 13)
     tok = Tokenizer(tiny_dir)
     examples = data.encode_rows(tok, rows, MAX_LEN, SEED)

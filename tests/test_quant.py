@@ -358,7 +358,8 @@ def check_dequant_kernel_and_layer(device, shapes):
         for double_quant in (True, False):
             w = torch.randn(shape, device=device)
             packed, state = quantize_nf4(w, double_quant=double_quant)
-            for dtype, bits in [(torch.float32, torch.int32), (torch.bfloat16, torch.int16), (torch.float16, torch.int16)]:
+            for dtype, bits in [(torch.float32, torch.int32), (torch.bfloat16, torch.int16),
+                                (torch.float16, torch.int16)]:
                 a = dequantize_nf4(packed, state, dtype, backend="triton")
                 b = dequantize_nf4(packed, state, dtype, backend="torch")
                 assert torch.equal(a.view(bits), b.view(bits)), (shape, dtype)

@@ -60,7 +60,8 @@ def test_rng_state_is_the_training_devices_only(monkeypatch):
         raise AssertionError("one GPU's state only")
 
     monkeypatch.setattr(torch.cuda, "get_rng_state", get_rng_state)
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": calls.append(("set", s[0].item(), str(device))))
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda s, device="cuda": calls.append(("set", s[0].item(), str(device))))
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", every_gpu)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", every_gpu)
     rng = train.rng_state("cuda:3")                         # saved by the process training on GPU 3
