@@ -148,8 +148,8 @@ def main(argv=None):
               f"estimate {gib(est['total'])}")
     if step_times:
         s_micro, s_step = sum(micro_times) / len(micro_times), sum(step_times) / len(step_times)
-        print(f"speed: {s_micro:.2f} s per micro-batch ({B} x {T} tokens, forward + backward), "
-              f"{s_step:.2f} s per optimizer step ({cfg['grad_accum']} micro-batches + update), "
+        print(f"speed: {s_micro:.3g} s per micro-batch ({B} x {T} tokens, forward + backward), "
+              f"{s_step:.3g} s per optimizer step ({cfg['grad_accum']} micro-batches + update), "
               f"{B * T * cfg['grad_accum'] / s_step:.0f} tokens/s")
 
     # -- evaluation memory: train.py reads eval_bs prompts at once, with a KV cache for the prompt and the answer ----

@@ -136,7 +136,8 @@ def test_gpu_check_runs_the_7b_recipe_at_tiny_size():
     assert "4 micro-batches per optimizer step" in out
     speed = re.search(r"^speed: ([0-9.]+) s per micro-batch \(4 x 64 tokens, forward \+ backward\), ([0-9.]+) s per "
                       r"optimizer step \(4 micro-batches \+ update\), \d+ tokens/s$", out, re.M)
-    assert speed and float(speed.group(2)) >= 4 * float(speed.group(1)) * 0.9  # a step holds 4 micro-batches
+    # a step's time holds its 4 micro-batches' (3 significant digits printed: 0.5% rounding at most)
+    assert speed and float(speed.group(2)) >= 4 * float(speed.group(1)) * 0.99
     # evaluation's KV cache, counted from the tensors allocated: 2 (k, v) x 2 layers x 4 prompts x (64 + 48)
     # positions x 2 KV heads x head_dim 16 x 4 bytes (fp32 on a CPU) = 229,376 bytes
     assert re.search(r"^evaluation memory: KV cache 0\.00 GiB \(0\.219 MiB\) for 4 x 112 positions", out, re.M)
