@@ -337,11 +337,13 @@ def encode_rows(tok, rows, max_len, seed=0, name="examples"):
     return out
 
 
-def make_batches(examples, batch_size, seed, epoch):
+def make_batches(examples, batch_size, seed, epoch, drop_last=False):
     """
     Index batches for one epoch. Sequences of similar length go together so little compute is spent on padding:
     shuffle, cut into chunks of 50 batches, sort each chunk by length, slice into batches, shuffle the batches.
     Seeded by (seed, epoch): a resumed run rebuilds exactly the same order.
+    drop_last: leave out the one shorter batch (len(examples) % batch_size rows). Under torchrun each process takes
+    its slice of every batch, and a short batch would leave some process with nothing to train on.
     """
     rng = random.Random(seed * 1000 + epoch)
     order = list(range(len(examples)))
@@ -352,6 +354,8 @@ def make_batches(examples, batch_size, seed, epoch):
         part = sorted(order[c:c + chunk], key=lambda i: len(examples[i][0]) + len(examples[i][1]))
         batches += [part[b:b + batch_size] for b in range(0, len(part), batch_size)]
     rng.shuffle(batches)
+    if drop_last:  # after the shuffle, so the full batches keep the order they have without drop_last
+        batches = [b for b in batches if len(b) == batch_size]
     return batches
 
 

@@ -2,7 +2,8 @@
 The Triton kernels for NF4 weights: dequantization (for training) and a fused matrix-vector product (for decoding).
 
 1. `_nf4_dequant_kernel` rebuilds the 16-bit weight in one pass: read each packed byte once, write each weight once.
-   QLoRA training runs it twice per linear layer per step; the matmul that follows is cuBLAS's.
+   QLoRA training runs it per linear layer per micro-batch twice (forward, backward), three times with gradient
+   checkpointing (forward, the forward recomputed during backward, backward); the matmul that follows is cuBLAS's.
 2. `_nf4_matvec_kernel` computes y = x @ W.T for a few rows of x (decoding: one token per sequence) WITHOUT
    writing W: each program reads the packed nibbles and scales of a tile of W, rebuilds the weights in registers,
    multiplies by x and accumulates in fp32. Decoding is memory-bound, and W in 16 bits is 4x the bytes of W in
@@ -23,7 +24,10 @@ try:
 except ImportError:
     triton = None
 
-MATVEC_MAX_ROWS = 8  # the fused kernel keeps every row of x in registers: a decoding batch, not a prefill
+# The fused kernel keeps every row of x in registers: a decoding batch, not a prefill. Up to this many rows
+# Linear4bit takes it (quant.py: _use_fused); above, dequantize-then-matmul. 8 is an estimate of where the two
+# cross on a GPU (lesson 09), to be set from bench/dequant.py --decode-sweep once it runs on one.
+MATVEC_MAX_ROWS = 8
 
 
 def on_device(t):
@@ -48,8 +52,10 @@ if triton is not None:
     def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, out_ptr, n,
                             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
                             OUT_BF16: tl.constexpr, BYTES: tl.constexpr):
-        # One program turns BYTES packed bytes into 2 * BYTES weights.
-        byte = tl.program_id(0) * BYTES + tl.arange(0, BYTES)                 # (BYTES,)
+        # One program turns BYTES packed bytes into 2 * BYTES weights. Offsets in int64: in int32 the index of
+        # the output would wrap past 2^31 weights (a 32000 x 65536 matrix) and write somewhere else, silently.
+        pid = tl.program_id(0).to(tl.int64)
+        byte = pid * BYTES + tl.arange(0, BYTES)                               # (BYTES,) int64
         valid = byte < (n + 1) // 2
         packed = tl.load(packed_ptr + byte, mask=valid, other=0).to(tl.int32)  # (BYTES,)
         block = (2 * byte) // BLOCKSIZE            # both nibbles of a byte are in one block (blocksize is even)
@@ -63,22 +69,24 @@ if triton is not None:
         second = tl.load(code_ptr + (packed & 15)) * absmax                    # (BYTES,) fp32, low nibbles
         w = tl.interleave(first, second)                                       # (2 * BYTES,) in memory order
         w = _round(w, OUT_BF16, out_ptr.dtype.element_ty)
-        idx = tl.program_id(0) * 2 * BYTES + tl.arange(0, 2 * BYTES)           # (2 * BYTES,)
+        idx = pid * 2 * BYTES + tl.arange(0, 2 * BYTES)                        # (2 * BYTES,) int64
         tl.store(out_ptr + idx, w, mask=idx < n)
 
     @triton.jit
-    def _nf4_matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, bias_ptr,
-                           out_ptr, M, N, K, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
-                           NESTED: tl.constexpr, HAS_BIAS: tl.constexpr, W_BF16: tl.constexpr,
+    def _nf4_matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, partial_ptr,
+                           M, N, K, K_PER_SPLIT, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+                           NESTED: tl.constexpr, W_BF16: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # One program makes BLOCK_N outputs (features n) for all M rows of x (M <= BLOCK_M), walking along K.
-        # W is (N, K) flattened row by row into nibbles: W[n, k] is value f = n * K + k, in byte f // 2 (high
-        # nibble when f is even) and in absmax block f // BLOCKSIZE. K need not be even nor a multiple of the
-        # block size, so a row can start in the middle of a byte and a block can span two rows: compute f.
+        # Program (i, j) makes BLOCK_N outputs (features n) for all M rows of x (M <= BLOCK_M), summed over the
+        # j-th slice of K only: partial[j, m, n] = sum over k in slice j of x[m, k] * W[n, k], in fp32. The
+        # caller adds the slices. W is (N, K) flattened row by row into nibbles: W[n, k] is value f = n * K + k, in
+        # byte f // 2 (high nibble when f is even) and in absmax block f // BLOCKSIZE. K need not be even nor a
+        # multiple of the block size, so a row can start in the middle of a byte and a block can span two rows.
         rows = tl.arange(0, BLOCK_M)                                           # (BLOCK_M,)
         feats = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)             # (BLOCK_N,)
+        k_start = tl.program_id(1) * K_PER_SPLIT
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)                   # (BLOCK_M, BLOCK_N)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(k_start, tl.minimum(k_start + K_PER_SPLIT, K), BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)                                    # (BLOCK_K,)
             valid = (feats[:, None] < N) & (ks[None, :] < K)                   # (BLOCK_N, BLOCK_K)
             f = feats[:, None].to(tl.int64) * K + ks[None, :]                  # (BLOCK_N, BLOCK_K) flat index
@@ -95,13 +103,15 @@ if triton is not None:
             # the weight the dequantize-then-matmul path would see: rounded once to x's dtype, then back to fp32
             w = _round(w, W_BF16, x_ptr.dtype.element_ty).to(tl.float32)
             w = tl.where(valid, w, 0.0)
-            x = tl.load(x_ptr + rows[:, None] * K + ks[None, :],
-                        mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0).to(tl.float32)  # (BLOCK_M, BLOCK_K)
-            acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)               # (BLOCK_M, BLOCK_N), fp32 sums
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + feats, mask=feats < N, other=0.0).to(tl.float32)[None, :]
-        y = _round(acc, W_BF16, out_ptr.dtype.element_ty)                      # one rounding per output
-        tl.store(out_ptr + rows[:, None] * N + feats[None, :], y, mask=(rows[:, None] < M) & (feats[None, :] < N))
+            # One row of x at a time against the decoded tile: (BLOCK_N, BLOCK_K) products live at once, not
+            # (BLOCK_M, BLOCK_N, BLOCK_K) (16K fp32 values at 8 rows: more than a program's registers hold).
+            # Rows past M (BLOCK_M is a power of 2) read row M - 1 again: in bounds, and their sums are never stored.
+            for m in tl.static_range(BLOCK_M):
+                x = tl.load(x_ptr + tl.minimum(m, M - 1) * K + ks, mask=ks < K, other=0.0).to(tl.float32)  # (BLOCK_K,)
+                part = tl.sum(w * x[None, :], axis=1)                          # (BLOCK_N,) fp32 sums
+                acc = tl.where(rows[:, None] == m, acc + part[None, :], acc)   # into row m of acc
+        out = partial_ptr + tl.program_id(1) * M * N + rows[:, None] * N + feats[None, :]
+        tl.store(out, acc, mask=(rows[:, None] < M) & (feats[None, :] < N))
 
 
 def _nested_args(state):
@@ -124,18 +134,40 @@ def dequantize_triton(packed, state, dtype):
     return out
 
 
+def programs_wanted(device):
+    """How many programs a launch should have: a few per streaming multiprocessor, so that every SM has work and
+    can switch to another program while one waits for memory. In the interpreter (CPU) a small number, so that
+    the tests cut K into slices as a GPU does."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
 def matvec_triton(x, packed, state, bias=None):
-    """y = x @ W.T (+ bias) for x of shape (M, K) with M <= MATVEC_MAX_ROWS, by `_nf4_matvec_kernel`."""
+    """y = x @ W.T (+ bias) for x of shape (M, K) with M <= MATVEC_MAX_ROWS, by `_nf4_matvec_kernel`.
+
+    The grid has two axes: N / 32 blocks of outputs, and slices of K. The output blocks alone are too few to fill a
+    GPU (128 for a 4096-wide output; an H100 has 132 SMs), and each would walk all of K alone; slices of K give
+    every SM several programs, each a shorter walk. Each slice writes fp32 partial sums, added here in a fixed
+    order (a deterministic result, unlike atomic adds): the extra traffic is splits x M x N x 4 bytes, small
+    next to the N x K / 2 bytes of the weight. The sum, the bias and the cast are three small launches more, a few
+    microseconds each; bench/dequant.py --decode-sweep times matvec_nf4 whole, so its crossover includes them.
+    """
     (M, K), N = x.shape, state.shape[0]
     x = x.contiguous()                                                         # (M, K)
-    out = torch.empty(M, N, dtype=x.dtype, device=x.device)                    # (M, N)
-    block_n = 32
+    block_n, block_k = 32, 64
+    n_blocks, k_blocks = triton.cdiv(N, block_n), triton.cdiv(K, block_k)
+    splits = max(1, min(k_blocks, triton.cdiv(programs_wanted(x.device), n_blocks)))
+    k_per_split = triton.cdiv(k_blocks, splits) * block_k                      # whole BLOCK_K steps per slice
+    splits = triton.cdiv(K, k_per_split)                                       # no empty slice
+    partial = torch.empty(splits, M, N, dtype=torch.float32, device=x.device)  # (splits, M, N)
     with on_device(x):
-        _nf4_matvec_kernel[(triton.cdiv(N, block_n),)](
-            x, packed, state.absmax, state.code, *_nested_args(state), state.offset,
-            x if bias is None else bias, out, M, N, K,
+        _nf4_matvec_kernel[(n_blocks, splits)](
+            x, packed, state.absmax, state.code, *_nested_args(state), state.offset, partial, M, N, K, k_per_split,
             BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.nested_blocksize, NESTED=state.double_quant,
-            HAS_BIAS=bias is not None, W_BF16=x.dtype == torch.bfloat16,
-            BLOCK_M=max(1, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=64,
-            enable_fp_fusion=False)  # absmax and weights bit for bit as in dequantization
-    return out
+            W_BF16=x.dtype == torch.bfloat16, BLOCK_M=max(1, triton.next_power_of_2(M)), BLOCK_N=block_n,
+            BLOCK_K=block_k, enable_fp_fusion=False)  # absmax and weights bit for bit as in dequantization
+    y = partial.sum(0)                                                         # (M, N) fp32
+    if bias is not None:
+        y += bias.float()
+    return y.to(x.dtype)                                                       # one rounding per output

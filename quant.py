@@ -313,7 +313,8 @@ def _state_from_bnb(tensors):
 
 
 class _NF4Linear(torch.autograd.Function):
-    """y = x @ W.T + b, with W rebuilt from 4 bits in forward and rebuilt AGAIN in backward.
+    """y = x @ W.T + b, with W rebuilt from 4 bits in forward and rebuilt AGAIN in backward. With gradient
+    checkpointing the forward runs twice (once more while backward recomputes the layer): three rebuilds in all.
 
     Only the packed bytes are saved for backward, never the 16-bit W: keeping W alive between the two passes
     would cost about 4x the 4-bit storage itself, 1.35x what quantizing saved (16 bits against 16 - 4.127).

@@ -198,6 +198,23 @@ def give_back_freed_memory():
         pass  # not glibc (macOS, musl): nothing to set
 
 
+def rng_state(device):
+    """The random states a resume restores: CPU, Python, and the GPU this process trains on (only that one: a
+    checkpoint must resume on a machine with another number of GPUs)."""
+    cuda = torch.cuda.get_rng_state(device) if str(device).startswith("cuda") else None
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": cuda}
+
+
+def restore_rng(rng, device):
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    cuda = rng["cuda"]
+    if isinstance(cuda, (list, tuple)):  # older checkpoints kept every GPU's state; the first was the one trained on
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and str(device).startswith("cuda"):
+        torch.cuda.set_rng_state(cuda, device)
+
+
 def save_checkpoint(out_dir, model, opt, cfg, base, pos, history, scaler=None):
     """
     One file holds everything a resume needs (trainable weights, optimizer, RNG, data position), written to a
@@ -208,8 +225,7 @@ def save_checkpoint(out_dir, model, opt, cfg, base, pos, history, scaler=None):
     state = {"trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
              "optimizer": opt.state_dict(), "pos": pos, "history": history, "config": cfg,
              "scaler": scaler.state_dict() if scaler is not None else None,  # fp16's loss scale, plain numbers
-             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+             "rng": rng_state(cfg["device"])}
     atomic_write(os.path.join(out_dir, STATE_FILE), lambda p: torch.save(state, p))
     save_adapter(model, out_dir, base_model_name_or_path=base)
     atomic_write(os.path.join(out_dir, "config.json"),
@@ -291,11 +307,13 @@ def main(argv=None):
     ddp = int(os.environ.get("RANK", -1)) != -1
     rank, world = 0, 1
     if ddp:
-        dist.init_process_group(backend="nccl" if cfg["device"].startswith("cuda") else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if cfg["device"].startswith("cuda"):
+        on_cuda = cfg["device"].startswith("cuda")
+        if on_cuda:  # this process's GPU first, then the process group bound to it (NCCL's communicator lives there)
             cfg["device"] = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(cfg["device"])
+        dist.init_process_group(backend="nccl" if on_cuda else "gloo",
+                                device_id=torch.device(cfg["device"]) if on_cuda else None)
+        rank, world = dist.get_rank(), dist.get_world_size()
     master = rank == 0
     device = cfg["device"]
     torch.manual_seed(cfg["seed"])
@@ -357,9 +375,11 @@ def main(argv=None):
         fail(str(e))
     pad_id = tok.eos_id if tok.eos_id is not None else 0
     global_bs = cfg["batch_size"] * world
-    n_batches = len(data.make_batches(train_ex, global_bs, cfg["seed"], 0))
-    if world > 1:
-        n_batches = len(train_ex) // global_bs  # every process needs a share of every batch: drop a ragged tail
+    # Under torchrun every process needs a share of every batch: whole batches only (drop_last), counted on the
+    # very list the loop walks. Every epoch has as many: only the shorter batch is dropped, and there is one.
+    n_batches = len(data.make_batches(train_ex, global_bs, cfg["seed"], 0, drop_last=world > 1))
+    if n_batches == 0:
+        fail(f"{len(train_ex)} training examples do not fill one batch of {cfg['batch_size']} x {world} processes")
     steps_per_epoch = max(1, n_batches // cfg["grad_accum"])
     max_iters = cfg["max_iters"] or cfg["epochs"] * steps_per_epoch
 
@@ -376,10 +396,7 @@ def main(argv=None):
     if state is not None:
         opt.load_state_dict(state["optimizer"])
         pos, history = state["pos"], state["history"]
-        torch.set_rng_state(state["rng"]["torch"])
-        random.setstate(state["rng"]["python"])
-        if state["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        restore_rng(state["rng"], device)
 
     use_autocast = device.startswith("cuda") and ptdtype != torch.float32
     ctx = torch.autocast("cuda", dtype=ptdtype) if use_autocast else nullcontext()
@@ -462,7 +479,7 @@ def main(argv=None):
     # -- the loop ---------------------------------------------------------------------------------------------------
     from tqdm import tqdm
     bar = tqdm(total=max_iters, initial=pos["iter"], disable=not master, dynamic_ncols=True)
-    batches = data.make_batches(train_ex, global_bs, cfg["seed"], pos["epoch"])
+    batches = data.make_batches(train_ex, global_bs, cfg["seed"], pos["epoch"], drop_last=world > 1)
     model.train()
     t0, tokens_seen = time.time(), 0
 
@@ -470,7 +487,7 @@ def main(argv=None):
         nonlocal batches
         if pos["batch"] >= n_batches:  # epoch done: the next one has its own seeded order
             pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
-            batches = data.make_batches(train_ex, global_bs, cfg["seed"], pos["epoch"])
+            batches = data.make_batches(train_ex, global_bs, cfg["seed"], pos["epoch"], drop_last=world > 1)
         b = batches[pos["batch"]]
         pos["batch"] += 1
         mine = b[rank * cfg["batch_size"]:(rank + 1) * cfg["batch_size"]] if world > 1 else b
@@ -497,9 +514,6 @@ def main(argv=None):
                     n = (targets != -100).sum()
                     # DDP averages gradients over processes; multiply by world so the result is the global sum
                     scaled = loss * n / n_tok * world
-                if not torch.isfinite(loss) and scaler is None:  # fp16 overflow is the scaler's to handle
-                    fail(f"loss is {loss.item()} at step {it}. Stopped; the last good checkpoint is kept in "
-                         f"{cfg['out_dir']}. Try a lower learning_rate (now {cfg['learning_rate']}) or grad_clip=1.0")
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
                 step_loss += scaled.item() / world
                 tokens_seen += idx.numel()
@@ -507,6 +521,11 @@ def main(argv=None):
                 t = torch.tensor(step_loss, device=device)
                 dist.all_reduce(t)
                 step_loss = t.item()
+            # After the all_reduce every process holds the same step_loss, NaN if any process's loss was: all
+            # stop here together (a process stopping alone would leave the others waiting in the next all_reduce).
+            if not math.isfinite(step_loss) and scaler is None:  # fp16 overflow is the scaler's to handle
+                fail(f"loss is {step_loss} at step {it}. Stopped; the last good checkpoint is kept in "
+                     f"{cfg['out_dir']}. Try a lower learning_rate (now {cfg['learning_rate']}) or grad_clip=1.0")
             if not optimizer_step(opt, params, cfg["grad_clip"], scaler):
                 history["skipped"] = history.get("skipped", 0) + 1
                 if master:

@@ -1,9 +1,15 @@
 """
-NF4 dequantization throughput: the step QLoRA runs twice per linear layer per training step (forward and backward).
+NF4 dequantization throughput: the step QLoRA runs for every linear layer twice per micro-batch (forward and
+backward), three times with gradient checkpointing (forward, recomputed forward, backward).
 
-    python bench/dequant.py                   # a 4096 x 4096 weight (a Llama-7B attention projection)
+    python bench/dequant.py                   # an 11008 x 4096 weight (a Llama-7B MLP projection)
+    python bench/dequant.py --rows=32000      # 32000 x 4096: the size of Llama 2's embedding and head
     python bench/dequant.py --smoke           # a small weight, to check that it runs
     python bench/dequant.py --decode          # 4-bit decoding: fused kernel vs dequantize-then-matmul, 7B layers
+    python bench/dequant.py --decode-sweep    # the same per layer shape at 1, 2, 4, 8 rows: where each path wins
+
+On a GPU each call is timed with CUDA events and the L2 cache emptied before it (triton.testing.do_bench): at 7B
+sizes a call moves 50-300 MB, far more than Python's 15-30 us to launch it, and never finds its input in L2.
 
 One weight is quantized once by quant.quantize_nf4 (NF4, blocks of 64, double quantization). The reference is
 given those very bytes as a bitsandbytes QuantState, so both sides turn identical input into (bit for bit, the
@@ -34,7 +40,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import add_common_args, interleaved_seconds, machine_note, pick_device, set_threads, summary
+from common import add_common_args, kernel_seconds, machine_note, pick_device, set_threads, summary, timing_note
 
 
 def bnb_state(state, dtype):
@@ -56,7 +62,7 @@ def bytes_moved(packed, state, dtype):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=4096)
+    p.add_argument("--rows", type=int, default=11008)
     p.add_argument("--cols", type=int, default=4096)
     p.add_argument("--blocksize", type=int, default=64)
     add_common_args(p, "output dtype; auto: float32 on CPU (the CPU compute dtype), bfloat16 on CUDA")
@@ -67,10 +73,14 @@ def main(argv=None):
     p.add_argument("--hidden", type=int, default=11008, help="--decode: MLP width")
     p.add_argument("--layers", type=int, default=32, help="--decode: layers in the stack")
     p.add_argument("--batch", type=int, default=1, help="--decode: sequences decoded together (rows of x)")
+    p.add_argument("--decode-sweep", action="store_true",
+                   help="fused vs dequantize-then-matmul per layer shape at 1, 2, 4, 8 rows, and the crossover")
     a = p.parse_args(argv)
     if a.smoke:
         a.rows, a.cols, a.reps, a.iters = 256, 256, 1, 1
         a.dim, a.hidden, a.layers = 64, 96, 2
+    if a.decode_sweep:
+        return decode_sweep(a)
     if a.decode:
         return decode(a)
     if min(a.rows, a.cols, a.reps) < 1 or a.iters < 0:
@@ -107,9 +117,9 @@ def main(argv=None):
                 agree = "NOT identical"
     print(f"dequant: {a.rows} x {a.cols} NF4 weight ({n / 1e6:.1f}M values), blocksize {a.blocksize}, double quant, "
           f"-> {dtype} on {device}; {iters} calls per timing, {a.reps} interleaved rounds, "
-          f"outputs {agree}; {machine_note()}")
+          f"outputs {agree}; {timing_note(device)}; {machine_note()}")
 
-    t = interleaved_seconds(systems, device, iters, a.reps)  # per call
+    t = kernel_seconds(systems, device, iters, a.reps)  # per call
     out_bytes = n * torch.finfo(dtype).bits // 8
     out_gbs = {name: out_bytes / s / 1e9 for name, s in t.items()}
     moved_gbs = {name: moved / s / 1e9 for name, s in t.items()}
@@ -166,15 +176,48 @@ def decode(a):
     moved = {"fused": four_bit, "dequant_matmul": four_bit + 2 * w16}
     print(f"decode: {a.layers} layers of {a.dim}/{a.hidden} ({n / 1e9:.2f}B 4-bit weights), batch {a.batch}, {dtype} "
           f"on {device}; {fused_name} vs dequantize-then-matmul, largest difference {rel:.1e} of max |y|; "
-          f"{iters} tokens per timing, {a.reps} interleaved rounds; {machine_note()}")
+          f"{iters} tokens per timing, {a.reps} interleaved rounds; {timing_note(device)}; {machine_note()}")
 
     systems = {"fused": fused, "dequant_matmul": dequant_matmul}
-    t = interleaved_seconds(systems, device, iters, a.reps)  # per token
+    t = kernel_seconds(systems, device, iters, a.reps)  # per token
     for name in systems:
         print(f"  {name:15s} {t[name] * 1e3:9.3f} ms per token, {moved[name] / 1e9:.3f} GB moved, "
               f"{moved[name] / t[name] / 1e9:.1f} GB/s")
     name = "decode_fused_vs_dequant_matmul" if device == "cuda" else "decode_twin_vs_dequant_matmul"
     summary(name, a.batch / t["fused"], a.batch / t["dequant_matmul"], "tok/s", digits=2)
+
+
+def decode_sweep(a):
+    """One 4-bit layer of each Llama-7B shape, x of 1, 2, 4, 8 rows: the fused product against dequantize-then-matmul,
+    and the largest row count at which the fused one is faster on every shape (what quant.py: _use_fused should
+    use; kernels.MATVEC_MAX_ROWS is an estimate until this runs on a GPU)."""
+    from kernels import MATVEC_MAX_ROWS
+    from quant import dequantize_nf4, matvec_nf4, quantize_nf4
+    set_threads(a.threads)
+    device = pick_device(a.device)
+    dtype = getattr(torch, a.dtype) if a.dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
+    iters = a.iters or (20 if device == "cuda" else 3)
+    g = torch.Generator().manual_seed(a.seed)
+    shapes = [(a.hidden, a.dim), (a.dim, a.hidden), (a.dim, a.dim)]             # gate/up, down, q/k/v/o: (out, in)
+    fused_name = "fused kernel" if device == "cuda" else "torch twin of the fused kernel"
+    print(f"decode sweep: {fused_name} vs dequantize-then-matmul, one layer per shape, {dtype} on {device}; "
+          f"{timing_note(device)}; {machine_note()}")
+    print(f"  {'out x in':>13s} {'rows':>4s} {'fused us':>9s} {'dequant+mm us':>13s} {'fused speedup':>13s}")
+    faster_up_to = MATVEC_MAX_ROWS
+    for out_f, in_f in shapes:
+        packed, state = quantize_nf4((torch.randn(out_f, in_f, generator=g) * 0.02).to(device), double_quant=True)
+        for rows in (1, 2, 4, 8):
+            x = torch.randn(rows, in_f, generator=g).to(device, dtype)                # (rows, in)
+            systems = {"fused": lambda: matvec_nf4(x, packed, state),                 # (rows, out)
+                       "dequant_matmul": lambda: F.linear(x, dequantize_nf4(packed, state, dtype))}
+            t = kernel_seconds(systems, device, iters, a.reps)
+            speedup = t["dequant_matmul"] / t["fused"]
+            if speedup < 1:
+                faster_up_to = min(faster_up_to, rows // 2)
+            print(f"  {out_f:>6d} x {in_f:<6d}{rows:>4d} {t['fused'] * 1e6:9.1f} {t['dequant_matmul'] * 1e6:13.1f} "
+                  f"{speedup:12.2f}x")
+    print(f"crossover: fused faster on every shape up to {faster_up_to} rows "
+          f"(quant.py uses it up to kernels.MATVEC_MAX_ROWS = {MATVEC_MAX_ROWS})")
 
 
 if __name__ == "__main__":

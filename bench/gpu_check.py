@@ -10,9 +10,13 @@ config/persian_qa.py does: LoRA r=32 on every linear layer, dropout 0.1, gradien
 autocast, micro-batches of 4 x 1,024 tokens, the loss on the last 64 tokens of each (the answer). It prints:
   - memory after loading (allocated on the GPU; resident set on a CPU), next to train.py's weights estimate;
   - peak allocated and reserved memory over the training steps, next to train.py's memory_estimate total;
-  - seconds per step and tokens per second (the first step, with its one-off costs, is not timed);
-  - decoding: milliseconds per token of a batch-1 greedy generation from the 4-bit model, with kernels.py's fused
-    4-bit product and with dequantize-then-matmul (the fused kernel needs a GPU).
+  - seconds per micro-batch (one forward and backward of batch_size sequences) and seconds per optimizer step
+    (grad_accum micro-batches, then the update), and tokens per second; the first step, with its one-off costs,
+    is not timed;
+  - evaluation memory: the KV cache train.py's evaluation allocates (eval batch x (max_seq_len + max_new_tokens)
+    positions, every layer's keys and values), and on a GPU the peak allocated while reading a full-length batch;
+  - decoding: milliseconds per token of a greedy generation from the 4-bit model at batch 1 and at the evaluation
+    batch, with kernels.py's fused 4-bit product and with dequantize-then-matmul (the fused kernel needs a GPU).
 The weights are random, so the loss means nothing; the memory and the speed are those of the real run.
 """
 
@@ -83,8 +87,11 @@ def main(argv=None):
     if on_gpu and not torch.cuda.is_available():
         sys.exit("error: --device cuda but torch sees no CUDA GPU; use --shape=tiny --device=cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32  # bf16 on a CPU without native support would crawl
-    args = ModelArgs(**SHAPES[a.shape], max_seq_len=cfg["max_seq_len"] + a.decode_tokens + 8)
+    eval_bs = cfg["eval_batch_size"] or cfg["batch_size"]           # train.py's rule
+    longest = cfg["max_seq_len"] + 64 + max(cfg["max_new_tokens"], a.decode_tokens)  # train.py's + the decode test
+    args = ModelArgs(**SHAPES[a.shape], max_seq_len=longest)
     print(f"{a.shape} shapes on {device}, {dtype}: micro-batch {cfg['batch_size']} x {cfg['max_seq_len']} tokens, "
+          f"{cfg['grad_accum']} micro-batches per optimizer step, "
           f"LoRA r={cfg['lora_r']} on {cfg['lora_targets']}, dropout {cfg['lora_dropout']}, "
           f"checkpointing {cfg['gradient_checkpointing']}, {cfg['optimizer']}")
 
@@ -108,61 +115,83 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats(device)
     B, T = cfg["batch_size"], cfg["max_seq_len"]
     g = torch.Generator().manual_seed(1)
-    times = []
+    micro_times, step_times = [], []
+
+    def now():
+        if on_gpu:
+            torch.cuda.synchronize(device)  # the GPU runs behind the Python code: wait for it before reading a clock
+        return time.perf_counter()
+
     model.train()
     for step in range(a.steps):
-        idx = torch.randint(args.vocab_size, (B, T), generator=g).to(device)            # (B, T)
-        targets = torch.randint(args.vocab_size, (B, T), generator=g)                   # (B, T)
-        targets[:, :-ANSWER_TOKENS] = -100  # answer-only loss, as in QA: the logits of the answers only
-        targets = targets.to(device)
-        if on_gpu:
-            torch.cuda.synchronize(device)
-        t = time.time()
-        with ctx:
-            _, loss = model(idx, targets)
-        loss.backward()
+        t_step = now()
+        for _ in range(cfg["grad_accum"]):  # train.py's micro-batches: gradients add up, one update at the end
+            idx = torch.randint(args.vocab_size, (B, T), generator=g).to(device)        # (B, T)
+            targets = torch.randint(args.vocab_size, (B, T), generator=g)               # (B, T)
+            targets[:, :-ANSWER_TOKENS] = -100  # answer-only loss, as in QA: the logits of the answers only
+            targets = targets.to(device)
+            t = now()
+            with ctx:
+                _, loss = model(idx, targets)
+            (loss / cfg["grad_accum"]).backward()
+            if step > 0:  # the first step pays one-off costs (kernel compilation, allocator growth)
+                micro_times.append(now() - t)
         train.optimizer_step(opt, params, cfg["grad_clip"])
-        if on_gpu:
-            torch.cuda.synchronize(device)
-        times.append(time.time() - t)
-        print(f"step {step + 1}: loss {loss.item():.3f}, {times[-1]:.2f} s")
-    timed = times[1:] or times
-    s_step = sum(timed) / len(timed)
+        if step > 0:
+            step_times.append(now() - t_step)
+        print(f"step {step + 1}: loss {loss.item():.3f}, {now() - t_step:.2f} s")
     if on_gpu:
         peak, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
         print(f"training: peak allocated {gib(peak)}, reserved {gib(reserved)}; estimate {gib(est['total'])}")
     else:
         print(f"training: peak resident {gib(train.peak_memory(device))} (the whole process); "
               f"estimate {gib(est['total'])}")
-    print(f"speed: {s_step:.2f} s/step, {B * T / s_step:.0f} tokens/s per micro-batch of {B} x {T}")
+    if step_times:
+        s_micro, s_step = sum(micro_times) / len(micro_times), sum(step_times) / len(step_times)
+        print(f"speed: {s_micro:.3g} s per micro-batch ({B} x {T} tokens, forward + backward), "
+              f"{s_step:.3g} s per optimizer step ({cfg['grad_accum']} micro-batches + update), "
+              f"{B * T * cfg['grad_accum'] / s_step:.0f} tokens/s")
 
-    # -- decode: batch 1, greedy, from the 4-bit model: the fused kernel (GPU) against dequantize-then-matmul ---------
+    # -- evaluation memory: train.py reads eval_bs prompts at once, with a KV cache for the prompt and the answer ----
     model.eval()
-    prompt = torch.randint(args.vocab_size, (1, 16), generator=g).to(device)
+    L = cfg["max_seq_len"] + cfg["max_new_tokens"]
+    prompt = torch.randint(args.vocab_size, (eval_bs, cfg["max_seq_len"]), generator=g).to(device)
+    before = memory_now(device)
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    model.setup_cache(eval_bs, L)                              # what generate() allocates for this batch
+    kv = sum(t.nbytes for layer in model.model.layers for t in (layer.self_attn.cache_k, layer.self_attn.cache_v))
+    with torch.no_grad(), ctx:
+        for _ in model.generate(prompt, 2, temperature=0, start_pos=0):  # a full-length prefill, one decode step
+            pass
+    model.clear_cache()
+    peak_eval = f"; peak {gib(torch.cuda.max_memory_allocated(device) - before)} allocated above the model while " \
+                f"reading it" if on_gpu else " (peak: measured on a GPU only)"
+    print(f"evaluation memory: KV cache {gib(kv)} ({kv / 2**20:.3f} MiB) for {eval_bs} x {L} positions{peak_eval}")
 
-    def ms_per_token():
+    # -- decode: greedy, from the 4-bit model: the fused kernel (GPU) against dequantize-then-matmul ----------------
+    def ms_per_token(batch):
+        prompt = torch.randint(args.vocab_size, (batch, 16), generator=g).to(device)
         with torch.no_grad(), ctx:
             for _ in model.generate(prompt, 2, temperature=0):  # warm-up: kernels compiled, cache allocated
                 pass
-            if on_gpu:
-                torch.cuda.synchronize(device)
-            t = time.time()
+            t = now()
             n = sum(1 for _ in model.generate(prompt, a.decode_tokens, temperature=0))
-            if on_gpu:
-                torch.cuda.synchronize(device)
-        return 1000 * (time.time() - t) / n
+            return 1000 * (now() - t) / n
 
-    fused = quant.FUSED_DEVICES                                # where Linear4bit uses kernels.py's fused product
-    quant.FUSED_DEVICES = ()
-    plain = ms_per_token()
-    quant.FUSED_DEVICES = fused
-    if on_gpu and kernels.triton is not None:
-        fast = ms_per_token()
-        print(f"decoding: fused {fast:.1f} ms/token, dequantize-then-matmul {plain:.1f} ms/token "
-              f"({plain / fast:.2f}x), batch 1, {a.decode_tokens} tokens")
-    else:
-        print(f"decoding: {plain:.1f} ms/token (batch 1, {a.decode_tokens} tokens; dequantize-then-matmul: "
-              f"the fused kernel needs a GPU and triton)")
+    for batch in dict.fromkeys((1, eval_bs)):  # one sequence (a chat), and the evaluation's batch
+        fused = quant.FUSED_DEVICES                            # where Linear4bit uses kernels.py's fused product
+        quant.FUSED_DEVICES = ()
+        plain = ms_per_token(batch)
+        quant.FUSED_DEVICES = fused
+        if on_gpu and kernels.triton is not None:
+            fast = ms_per_token(batch)
+            print(f"decoding batch {batch}: fused {fast:.1f} ms/token, dequantize-then-matmul {plain:.1f} ms/token "
+                  f"({plain / fast:.2f}x), {a.decode_tokens} tokens")
+        else:
+            print(f"decoding batch {batch}: {plain:.1f} ms/token ({a.decode_tokens} tokens; dequantize-then-matmul: "
+                  f"the fused kernel needs a GPU and triton)")
+
 
 if __name__ == "__main__":
     main()

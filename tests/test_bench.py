@@ -144,5 +144,49 @@ def test_gpu_check_runs_the_7b_recipe_at_tiny_size():
     assert "LoRA r=32 on all-linear, dropout 0.1, checkpointing True, paged_adamw" in out  # config/persian_qa.py's
     losses = [float(m) for m in re.findall(r"^step \d: loss ([0-9.]+)", out, re.M)]
     assert len(losses) == 3 and all(5.0 < l < 6.0 for l in losses)   # random weights: about ln(256) = 5.55
-    assert re.search(r"^speed: [0-9.]+ s/step, \d+ tokens/s", out, re.M)
-    assert re.search(r"^decoding: [0-9.]+ ms/token \(batch 1, 4 tokens; dequantize-then-matmul", out, re.M)
+    assert "4 micro-batches per optimizer step" in out
+    speed = re.search(r"^speed: ([0-9.]+) s per micro-batch \(4 x 64 tokens, forward \+ backward\), ([0-9.]+) s per "
+                      r"optimizer step \(4 micro-batches \+ update\), \d+ tokens/s$", out, re.M)
+    # a step's time holds its 4 micro-batches' (3 significant digits printed: 0.5% rounding at most)
+    assert speed and float(speed.group(2)) >= 4 * float(speed.group(1)) * 0.99
+    # evaluation's KV cache, counted from the tensors allocated: 2 (k, v) x 2 layers x 4 prompts x (64 + 48)
+    # positions x 2 KV heads x head_dim 16 x 4 bytes (fp32 on a CPU) = 229,376 bytes
+    assert re.search(r"^evaluation memory: KV cache 0\.00 GiB \(0\.219 MiB\) for 4 x 112 positions", out, re.M)
+    for batch in (1, 4):  # batch 1 and the evaluation batch (config/persian_qa.py's batch_size)
+        assert re.search(rf"^decoding batch {batch}: [0-9.]+ ms/token \(4 tokens; dequantize-then-matmul", out, re.M)
+
+
+def test_dequant_decode_sweep_smoke():
+    proc = run_bench("dequant.py", "--decode-sweep", "--smoke", "--device", "cpu")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = re.findall(r"^\s+(\d+) x (\d+)\s+(\d) +([0-9.]+) +([0-9.]+) +([0-9.]+)x$", proc.stdout, re.M)
+    assert [(int(o), int(i), int(m)) for o, i, m, *_ in rows] == [
+        (o, i, m) for o, i in ((96, 64), (64, 96), (64, 64)) for m in (1, 2, 4, 8)]   # --smoke: dim 64, hidden 96
+    for *_, fused, plain, speedup in rows:
+        assert float(speedup) == pytest.approx(float(plain) / float(fused), rel=0.05, abs=0.01)
+    assert re.search(r"^crossover: fused faster on every shape up to [0-8] rows", proc.stdout, re.M)
+
+
+def test_gpu_all_runs_its_cpu_steps(tiny_dir, tmp_path):
+    """bench/gpu_all.py, the one command for a GPU owner, with every step it has run small on the CPU: the cuda
+    tests collected, gpu_check at tiny shapes, the benchmarks at --smoke size, a 4-bit run of a tiny model stopped,
+    resumed and evaluated, and torchrun with one (gloo) process."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    table = tmp_path / "table.txt"
+    proc = subprocess.run([sys.executable, "bench/gpu_all.py", "--device=cpu", "--shape=tiny",
+                           f"--init_from={tiny_dir}", f"--out_dir={tmp_path}", f"--out={table}",
+                           f"--master_port={port}"], cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    text = table.read_text()
+    status = dict(re.findall(r"^(\S+(?: \S+)?)\s{2,}(ok|FAILED \(exit \d+\)|TIMEOUT \(\d+ s\))\s", text, re.M))
+    assert status == {name: "ok" for name in ("cuda tests", "gpu_check", "dequant 11008x4096", "dequant 32000x4096",
+                                              "decode sweep", "train", "resume", "evaluate", "torchrun")}, text
+    assert re.search(r"5/\d+ tests collected", text)                   # the five tests marked cuda
+    assert "s per optimizer step (4 micro-batches + update)" in text and "evaluation memory: KV cache" in text
+    assert "crossover: fused faster" in text and "step 4: train loss" in text and "EM " in text
+    import torch
+    assert torch.load(tmp_path / "qlora" / "train_state.pt", weights_only=True)["pos"]["iter"] == 4  # resumed to 4

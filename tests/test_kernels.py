@@ -24,11 +24,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = [(67, 200), (33, 201)]
 
 
-def run_interpreted(name):
+def run_interpreted(name, *args):
+    """test_kernels.name(*args) in a fresh process under TRITON_INTERPRET=1."""
     pytest.importorskip("triton")
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
-    res = subprocess.run([sys.executable, "-c", f"import test_kernels; test_kernels.{name}(); print('OK')"],
+    res = subprocess.run([sys.executable, "-c", f"import test_kernels; test_kernels.{name}(*{args!r}); print('OK')"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.split()[-1] == "OK"
@@ -63,10 +64,14 @@ def error_bound(x, w, bias, dtype, roundings=1):
 
 def check_fused_matches_dequantize_then_matmul():
     cases = 0
+    wanted = kernels.programs_wanted
     for shape in SHAPES:
         for rows in (1, 3, 8):
             for double_quant in (True, False):
                 for dtype in (torch.bfloat16, torch.float32):
+                    # the grid: K in one slice, in 2 to 4 slices (the default here), in one slice per BLOCK_K
+                    programs = (1, 8, 10**4)[cases % 3]
+                    kernels.programs_wanted = lambda device: programs
                     x, packed, state, bias = case(shape, rows, dtype, double_quant, seed=cases)
                     w = dequantize_nf4(packed, state, dtype)                  # (out, in) what both paths multiply
                     fused = matvec_nf4(x, packed, state, bias, backend="triton")  # (rows, out)
@@ -79,6 +84,7 @@ def check_fused_matches_dequantize_then_matmul():
                     assert ((twin.double() - exact).abs() <= bound).all(), (shape, rows, double_quant, dtype)
                     assert ((reference.double() - exact).abs() <= bound_ref).all()
                     cases += 1
+    kernels.programs_wanted = wanted
     assert cases == 24
 
 
@@ -168,20 +174,53 @@ def greedy(model, prompt, n):
     return torch.cat(list(model.generate(prompt, n, temperature=0)), dim=1)  # (B, n)
 
 
-def check_generation_with_fused_kernel():
-    model = tiny_4bit_model()
-    prompt = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0))  # (2, 5)
-    plain = greedy(model, prompt, 4)                        # dequantize then matmul: CPU is not a fused device
-    quant.FUSED_DEVICES = ("cpu",)                          # decode steps (2 rows) now take the interpreted kernel
+def check_generation_with_fused_kernel(device="cpu", n=4):
+    """Greedy tokens of a tiny 4-bit model, decoded with the fused kernel and with dequantize-then-matmul: the same.
+    On the CPU the kernel runs interpreted (the CPU made a "fused device" for the test); on a GPU compiled."""
+    model = tiny_4bit_model(device)
+    prompt = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0)).to(device)  # (2, 5)
+    fused_devices = quant.FUSED_DEVICES
+    quant.FUSED_DEVICES = ()
+    plain = greedy(model, prompt, n)                        # dequantize then matmul everywhere
+    quant.FUSED_DEVICES = (torch.device(device).type,)      # decode steps (2 rows) now take the kernel
     calls = []
     matvec = kernels.matvec_triton
     kernels.matvec_triton = lambda *a: calls.append(1) or matvec(*a)
-    assert torch.equal(greedy(model, prompt, 4), plain)
-    assert len(calls) == 3 * 2 * 7                          # 3 decode steps x 2 layers x 7 linear layers
+    try:
+        assert torch.equal(greedy(model, prompt, n), plain)
+    finally:
+        kernels.matvec_triton, quant.FUSED_DEVICES = matvec, fused_devices
+    assert len(calls) == (n - 1) * 2 * 7                    # every decode step x 2 layers x 7 linear layers
 
 
 def test_generation_with_fused_kernel_interpreted():
     run_interpreted("check_generation_with_fused_kernel")
+
+
+def check_compiled_kernel_matches_twin(device, shapes):
+    """The fused kernel against the torch twin and the exact result, both within error_bound, on `device`. On a
+    GPU the compiled kernel at Llama-7B sizes (below, marked cuda); on the CPU the same lines, interpreted."""
+    # the twin's fp32 matmul in true fp32: TF32 (10-bit mantissa) would be far outside the bound
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
+    try:
+        for shape in shapes:
+            for rows in (1, 8):
+                for dtype in (torch.bfloat16, torch.float32):
+                    for double_quant in (True, False):
+                        x, packed, state, bias = case(shape, rows, dtype, double_quant, device=device)
+                        fused = matvec_nf4(x, packed, state, bias, backend="triton")   # (rows, out)
+                        twin = matvec_nf4(x, packed, state, bias, backend="torch")     # (rows, out)
+                        w = dequantize_nf4(packed, state, dtype)                       # (out, in)
+                        exact, bound = error_bound(x, w, bias, dtype)                  # fp64, on `device`
+                        assert ((fused.double() - exact).abs() <= bound).all(), (shape, rows, dtype)
+                        assert ((twin.double() - exact).abs() <= bound).all(), (shape, rows, dtype)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def test_compiled_kernel_check_runs_interpreted():
+    """The lines of the GPU test below, on the CPU: a typo in them shows here, not first on a GPU."""
+    run_interpreted("check_compiled_kernel_matches_twin", "cpu", [(40, 130), (67, 64)])
 
 
 # -----------------------------------------------------------------------------
@@ -190,35 +229,17 @@ def test_generation_with_fused_kernel_interpreted():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("double_quant", [True, False])
-def test_compiled_fused_kernel_matches_twin_at_7b_size(double_quant):
+def test_compiled_fused_kernel_matches_twin_at_7b_size():
     pytest.importorskip("triton")
     device = f"cuda:{torch.cuda.device_count() - 1}"  # the last GPU: kernels must launch where the tensors are
     current = torch.cuda.current_device()
-    for shape in [(4096, 11008), (11008, 4096)]:      # down_proj and gate/up_proj of Llama 7B
-        for rows in (1, 8):
-            for dtype in (torch.bfloat16, torch.float32):
-                x, packed, state, bias = case(shape, rows, dtype, double_quant, device=device)
-                fused = matvec_nf4(x, packed, state, bias)                    # the kernel, automatically on CUDA
-                w = dequantize_nf4(packed, state, dtype)
-                with torch.backends.cuda.matmul.flags(allow_tf32=False):
-                    twin = matvec_nf4(x, packed, state, bias, backend="torch")
-                exact, bound = error_bound(x.cpu(), w.cpu(), bias.cpu(), dtype)
-                assert ((fused.cpu().double() - exact).abs() <= bound).all(), (shape, rows, dtype)
-                assert ((twin.cpu().double() - exact).abs() <= bound).all(), (shape, rows, dtype)
+    # down_proj, gate/up_proj of Llama 7B, and a head-sized one (32000 x 4096: many output blocks, K in one slice)
+    check_compiled_kernel_matches_twin(device, [(4096, 11008), (11008, 4096), (32000, 4096)])
     assert torch.cuda.current_device() == current  # kernels.on_device switched the device only for the launch
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_4bit_generation_on_gpu_gives_the_same_tokens(monkeypatch):
+def test_4bit_generation_on_gpu_gives_the_same_tokens():
     pytest.importorskip("triton")
-    model = tiny_4bit_model("cuda")
-    prompt = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(0)).cuda()
-    calls = []
-    matvec = kernels.matvec_triton
-    monkeypatch.setattr(kernels, "matvec_triton", lambda *a: calls.append(1) or matvec(*a))
-    fused = greedy(model, prompt, 8)
-    assert len(calls) == 7 * 2 * 7                          # every decode step took the fused kernel
-    monkeypatch.setattr(quant, "FUSED_DEVICES", ())
-    assert torch.equal(greedy(model, prompt, 8), fused)     # dequantize-then-matmul picks the same tokens
+    check_generation_with_fused_kernel("cuda", n=8)

@@ -227,34 +227,73 @@ def test_clear_errors():
         PagedAdamW(emb.parameters()).step()
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_paging_matches_adamw_and_bounds_memory():
-    shapes = [(1024, 1024), (4096, 1024), (1000, 3), (17,), (2048, 512)]  # about 6.3M weights, 50 MB of states
-    ours, ref = make_params("cuda", shapes=shapes), make_params("cuda", shapes=shapes)
-    page_size = 2**18  # bound: 20 bytes x 256Ki = 5 MiB
+def work_in_flight(n):
+    """Queue work on the default stream that is still running when step() begins: a spin of about 40 ms, then
+    writes of garbage into two temporaries the size of step()'s page buffers, freed before step() allocates its
+    buffers (likely the same memory: the allocator hands a freed block back to the same stream at once). A copy
+    stream that did not wait for the default stream would load the states into that memory before the queued
+    writes land on it, and the update would read garbage."""
+    scratch = [torch.empty(2, n, device="cuda") for _ in range(2)]   # the shapes of PagedAdamW's 2 buffers
+    torch.cuda._sleep(2**26)                                         # GPU clock cycles
+    for t in scratch:
+        t.fill_(1e30)
+
+
+def check_paging_matches_adamw_and_bounds_memory(device, shapes, page_size):
+    """The GPU test, runnable on the CPU too: there the paging loop runs on CPU tensors (fake streams, set up by
+    the caller), nothing is in flight and no GPU memory is counted; on a GPU step() itself runs, with work still
+    queued on the default stream, and its extra memory is bounded."""
+    on_gpu = device.startswith("cuda")
+    ours, ref = make_params(device, shapes=shapes), make_params(device, shapes=shapes)
     opt = PagedAdamW(ours, lr=1e-3, weight_decay=0.1, page_size=page_size)
     ref_opt = torch.optim.AdamW(ref, lr=1e-3, weight_decay=0.1, foreach=False)
     state_bytes = 8 * sum(p.numel() for p in ours)
+    n = min(page_size, sum(p.numel() for p in ours))                 # the elements of one page buffer
+
+    @torch.no_grad()
+    def paged_step():  # step() pages only GPU parameters: on the CPU call its paging loop directly
+        for group in opt.param_groups:
+            opt._step_paged(opt._begin_step(group), group)
+
     for step in range(5):
         set_grads(ours, step)
         set_grads(ref, step)
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        opt.step()
-        extra = torch.cuda.max_memory_allocated() - before
-        assert extra <= 20 * page_size + 2**21, (extra, state_bytes)  # the page bound + allocator rounding
-        assert torch.cuda.memory_allocated() == before  # nothing stays on the GPU between steps
+        if on_gpu:
+            before = torch.cuda.memory_allocated()                   # the allocator's count: no synchronize
+            torch.cuda.reset_peak_memory_stats()
+            work_in_flight(n)                                        # its temporaries are freed again here
+            opt.step()
+            extra = torch.cuda.max_memory_allocated() - before       # the temporaries (16 n bytes) are less
+            assert extra <= 20 * page_size + 2**21, (extra, state_bytes)  # the page bound + allocator rounding
+            assert torch.cuda.memory_allocated() == before  # nothing stays on the GPU between steps
+        else:
+            paged_step()
         ref_opt.step()
         for p, r in zip(ours, ref):
             torch.testing.assert_close(p, r, rtol=0, atol=1e-6)
     for p, r in zip(ours, ref):
         s = opt.state[p]
-        assert s["exp_avg"].device.type == "cpu" and s["exp_avg"].is_pinned() and s["exp_avg_sq"].is_pinned()
+        assert s["exp_avg"].device.type == "cpu" and s["exp_avg"].is_pinned() == s["exp_avg_sq"].is_pinned() == on_gpu
         torch.testing.assert_close(s["exp_avg"], ref_opt.state[r]["exp_avg"].cpu(), rtol=1e-5, atol=1e-9)
     resumed = clone(ours)
     resumed_opt = PagedAdamW(resumed, page_size=page_size)
     resumed_opt.load_state_dict(saved(opt))
-    assert all(resumed_opt.state[p]["exp_avg"].is_pinned() for p in resumed)
+    assert all(resumed_opt.state[p]["exp_avg"].is_pinned() == on_gpu for p in resumed)
     assert_steps_equal(ours, opt, resumed, resumed_opt, range(5, 8))
+
+
+def test_gpu_paging_check_runs_on_cpu(monkeypatch):
+    """The lines of the GPU test below, on the CPU: a typo in them shows here, not first on a GPU."""
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    check_paging_matches_adamw_and_bounds_memory("cpu", [(64, 32), (100, 3), (17,), (32, 16)], page_size=500)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_paging_matches_adamw_and_bounds_memory():
+    # about 6.3M weights, 50 MB of states; page bound: 20 bytes x 256Ki = 5 MiB
+    check_paging_matches_adamw_and_bounds_memory(
+        "cuda", [(1024, 1024), (4096, 1024), (1000, 3), (17,), (2048, 512)], page_size=2**18)

@@ -351,21 +351,44 @@ def test_quantize_model_replaces_linears_but_skips_lm_head():
     assert (after - before).norm() / before.norm() < 0.1
 
 
+def check_dequant_kernel_and_layer(device, shapes):
+    """The dequantization kernel bit for bit against the torch twin, and a 4-bit layer's forward and backward, on
+    `device`. On a GPU the compiled kernel at 7B sizes (below, marked cuda); on the CPU the same lines, interpreted."""
+    for shape in shapes:
+        for double_quant in (True, False):
+            w = torch.randn(shape, device=device)
+            packed, state = quantize_nf4(w, double_quant=double_quant)
+            for dtype, bits in [(torch.float32, torch.int32), (torch.bfloat16, torch.int16),
+                                (torch.float16, torch.int16)]:
+                a = dequantize_nf4(packed, state, dtype, backend="triton")
+                b = dequantize_nf4(packed, state, dtype, backend="torch")
+                assert torch.equal(a.view(bits), b.view(bits)), (shape, dtype)
+    layer = Linear4bit.from_linear(nn.Linear(256, 128), compute_dtype=torch.float32).to(device)  # fp32: exact sums
+    s = layer.quant_state
+    assert all(t.device.type == torch.device(device).type
+               for t in (layer.weight, s.absmax, s.code, s.nested_absmax, s.nested_code))
+    x = torch.randn(4, 256, device=device, requires_grad=True)
+    y = layer(x)                                                          # (4, 128)
+    y.sum().backward()
+    w = dequantize_nf4(layer.weight, s, torch.float32, backend="torch")   # (128, 256)
+    # x.grad = ones @ W exactly up to fp32 summation order: 256 terms of size |W| ~ 0.1
+    torch.testing.assert_close(x.grad, w.sum(0).expand(4, -1), rtol=0, atol=1e-4)
+    torch.testing.assert_close(y, x.detach() @ w.T + layer.bias, rtol=0, atol=1e-4)
+
+
+def test_dequant_kernel_and_layer_check_runs_interpreted():
+    """The lines of the GPU test below, on the CPU under the Triton interpreter: a typo shows here first."""
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([ROOT, os.path.join(ROOT, "tests")])}
+    code = "import test_quant; test_quant.check_dequant_kernel_and_layer('cpu', [(7, 9), (67, 131)]); print('OK')"
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.split()[-1] == "OK"
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("double_quant", [True, False])
-def test_compiled_triton_kernel_matches_torch_twin(double_quant):
+def test_compiled_triton_kernel_matches_torch_twin():
     pytest.importorskip("triton")
-    for shape in [(7, 9), (4096, 1024 + 3), (11008, 512)]:
-        w = torch.randn(shape, device="cuda")
-        packed, state = quantize_nf4(w, double_quant=double_quant)
-        for dtype, bits in [(torch.float32, torch.int32), (torch.bfloat16, torch.int16), (torch.float16, torch.int16)]:
-            a = dequantize_nf4(packed, state, dtype)  # the kernel, automatically on CUDA
-            b = dequantize_nf4(packed, state, dtype, backend="torch")
-            assert torch.equal(a.view(bits), b.view(bits)), (shape, dtype)
-    layer = Linear4bit.from_linear(nn.Linear(256, 128)).cuda()
-    s = layer.quant_state
-    assert all(t.is_cuda for t in (layer.weight, s.absmax, s.code, s.nested_absmax, s.nested_code))
-    x = torch.randn(4, 256, device="cuda", requires_grad=True)
-    layer(x).sum().backward()
-    assert x.grad.shape == x.shape and torch.isfinite(x.grad).all()
+    # a 32000 x 4096 embedding-sized weight too: 131M values, offsets far past one program's
+    check_dequant_kernel_and_layer("cuda", [(7, 9), (4096, 1024 + 3), (11008, 512), (32000, 4096)])

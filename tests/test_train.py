@@ -33,13 +33,49 @@ def test_resume_continues_exactly(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     straight = run(tmp_path, "straight", "--max_iters=4", base=tiny_dir)
     half = run(tmp_path, "resumed", "--max_iters=2", "--lr_decay_iters=4", base=tiny_dir)
-    assert torch.load(os.path.join(half, train.STATE_FILE), weights_only=False)["pos"]["iter"] == 2
+    saved = torch.load(os.path.join(half, train.STATE_FILE), weights_only=False)
+    assert saved["pos"]["iter"] == 2 and saved["rng"]["cuda"] is None     # a CPU run: no GPU state
+    # as if saved by an older train.py on a machine with 3 GPUs: one state per GPU, none of them this machine's
+    saved["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 3
+    torch.save(saved, os.path.join(half, train.STATE_FILE))
     train.main([f"--out_dir={half}", "--init_from=resume", "--max_iters=4"])
     s = torch.load(os.path.join(straight, train.STATE_FILE), weights_only=False)
     r = torch.load(os.path.join(half, train.STATE_FILE), weights_only=False)
     assert [l for _, l in r["history"]["train"]] == [l for _, l in s["history"]["train"]]  # identical losses
     assert adapter_bytes(half) == adapter_bytes(straight)                                 # identical adapter bytes
     assert r["pos"] == s["pos"]
+
+
+def test_rng_state_is_the_training_devices_only(monkeypatch):
+    """Saved: the CPU's, Python's and the training GPU's random states, never every visible GPU's (a resume on a
+    machine with fewer GPUs would index GPUs that are not there). Restored: onto the GPU this process trains on;
+    an older checkpoint's list of states gives its first (the GPU rank 0 trained on)."""
+    calls = []
+
+    def get_rng_state(device="cuda"):
+        calls.append(("get", str(device)))
+        return torch.full((4,), int(str(device)[-1]), dtype=torch.uint8)
+
+    def every_gpu(*args):
+        raise AssertionError("one GPU's state only")
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state",
+                        lambda s, device="cuda": calls.append(("set", s[0].item(), str(device))))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", every_gpu)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", every_gpu)
+    rng = train.rng_state("cuda:3")                         # saved by the process training on GPU 3
+    assert calls == [("get", "cuda:3")] and rng["cuda"].tolist() == [3] * 4
+    cpu_before = torch.get_rng_state()
+    torch.rand(5)
+    train.restore_rng(rng, "cuda:0")                        # resumed on a machine with one GPU
+    assert calls[-1] == ("set", 3, "cuda:0") and torch.equal(torch.get_rng_state(), cpu_before)
+    rng["cuda"] = [torch.full((4,), i, dtype=torch.uint8) for i in (5, 6, 7, 8)]  # older: one per visible GPU
+    train.restore_rng(rng, "cuda:1")
+    assert calls[-1] == ("set", 5, "cuda:1")
+    n = len(calls)
+    train.restore_rng(rng, "cpu")                           # resumed on a CPU: no GPU state to set
+    assert train.rng_state("cpu")["cuda"] is None and len(calls) == n
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dir, tmp_path, monkeypatch, capsys):
