@@ -34,6 +34,7 @@ def base(tiny_dir, tmp_path):
 
 def train_argv(base, out, *extra):
     return ["config/quickstart.py", f"--init_from={base}", f"--out_dir={out}", "--batch_size=2", "--max_seq_len=320",
+            "--train_data=data/persian_qa_sample.jsonl",
             "--eval_generate=0", "--max_iters=2", "--eval_interval=2", "--val_data=", "--test_data=", *extra]
 
 

@@ -57,7 +57,7 @@ def test_torchrun_trains_whole_epochs_over_a_ragged_data_set(tiny_dir, tmp_path,
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}",
                            f"--master_port={free_port()}", "train.py", *COMMON, f"--init_from={tiny_dir}",
-                           f"--train_data={train_file}", f"--val_data={val_file}", f"--epochs={epochs}",
+                           f"--train_data={train_file}", f"--val_data={val_file}", f"--epochs={epochs}", "--max_iters=0",
                            "--eval_interval=1000", f"--out_dir={out}"],
                           cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300)

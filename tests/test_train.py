@@ -19,6 +19,7 @@ def run(tmp, name, *extra, base):
     out = str(tmp / name)
     # validation: a split of the short sample (not the quickstart's long passages), no test set: seconds, not minutes
     train.main(["config/quickstart.py", f"--init_from={base}", f"--out_dir={out}", "--batch_size=2",
+                "--train_data=data/persian_qa_sample.jsonl",
                 "--max_seq_len=320", "--eval_generate=0", "--eval_interval=2", "--learning_rate=1e-3",
                 "--warmup_iters=1", "--val_data=", "--test_data=", "--dtype=float32", *extra])
     return out
