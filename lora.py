@@ -94,20 +94,31 @@ class LoRALinear(nn.Module):
         self.train(base.training)  # a new module starts in training mode; follow the model it goes into
 
     def forward(self, x):
-        y = self.base(x)                                              # (..., out), frozen
+        shape = x.shape[:-1]                                          # (...): tokens
+        x = x.reshape(-1, x.shape[-1])                                # (N, in): one row per token
+        y = self.base(x)                                              # (N, out), frozen
         if self.merged:
             training = self.training and torch.is_grad_enabled()
             if training and (self.lora_A.weight.requires_grad or self.lora_B.weight.requires_grad):
                 raise RuntimeError("this LoRA layer is merged into its base weight, so A and B would get no "
                                    "gradient: call unmerge() before training (or model.eval() to run inference)")
-            return y
+            return y.view(*shape, y.shape[-1])
         # Without autocast the product needs x in A's dtype (fp32 A and B next to 16-bit base weights). Under
         # autocast F.linear casts for us and runs A and B in 16 bits, as PEFT does: an fp32 copy of x here would
         # be cast straight back, and kept for the backward pass, a full-size copy of every LoRA layer's input.
-        if not torch.is_autocast_enabled(x.device.type):
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if not autocast:
             x = x.to(self.lora_A.weight.dtype)
-        h = self.lora_A(self.dropout(x))                              # (..., r)
-        return y + (self.lora_B(h) * self.scaling).to(y.dtype)         # (..., out)
+        h = self.lora_A(self.dropout(x))                              # (N, r)
+        if h.dtype == y.dtype and not autocast:
+            # y += scaling * h B^T inside the matrix call (addmm_ accumulates into y as it writes). Written as
+            # y + B(h) * scaling it would allocate two more (N, out) tensors and pass over them twice, forward and
+            # backward: on a CPU that costs more than the rank-r product itself. In place is safe: y is the
+            # base's fresh output, and the base's backward never reads it.
+            y.addmm_(h, self.lora_B.weight.t(), alpha=self.scaling)
+        else:  # 16-bit or 4-bit base under fp32 adapters, or autocast: the product comes back in another dtype
+            y = y + (self.lora_B(h) * self.scaling).to(y.dtype)
+        return y.view(*shape, y.shape[-1])                            # (..., out)
 
     def delta_weight(self):
         """scaling * B A, the (out, in) update: built only for merging, in the dtype of A and B."""
