@@ -102,9 +102,9 @@ def get_lr(it, cfg, total):
 def memory_estimate(model, n_trainable, cfg, act_bytes, resident=0):
     """
     Bytes the run needs on the training device, from the transformer math of the notes:
-      process      on a CPU, what the process holds besides the weights before training starts (resident: its RSS
-                   then): Python, torch's libraries, tokenizer and data, what loading left. Measured, because no rule
-                   predicts it; on a GPU the measurement is allocated memory, which holds none of it.
+      process      on a CPU, what the process holds before it loads anything (resident: its RSS then): Python and
+                   torch's libraries. Measured, because no rule predicts it; on a GPU the measurement is allocated
+                   memory, which holds none of it.
       weights      what the model holds (a 4-bit weight counts its packed bytes and its scales)
       lora         trainable parameters, fp32: 4 bytes each; their gradients another 4
       optimizer    Adam keeps two fp32 moments: 8 bytes per trainable parameter (paged: in CPU memory instead)
@@ -136,7 +136,7 @@ def memory_estimate(model, n_trainable, cfg, act_bytes, resident=0):
     mask = (1 if on_gpu else 4) if dropout else 0
     copy = (2 if dropout else 0) if autocast else (4 if dropout or act_bytes == 2 else 0)
     lora_inputs = tokens * lora_in * (copy + mask)
-    est = {"process": max(0, resident - weights)} if resident else {}
+    est = {"process": resident} if resident else {}
     est |= {"weights": weights, "lora": 4 * n_trainable, "gradients": 4 * n_trainable,
            "optimizer": 0 if cfg["optimizer"] == "paged_adamw" else 8 * n_trainable, "activations": acts,
            "lora_inputs": lora_inputs / a.n_layers if cfg["gradient_checkpointing"] else lora_inputs}
@@ -281,6 +281,7 @@ def plot_losses(history, path):
 
 
 def main(argv=None):
+    resident = resident_memory()  # before loading anything: the process itself (memory_estimate)
     cfg = configure(settings, argv)
     resume = cfg["init_from"] == "resume"
     state = None
@@ -408,7 +409,7 @@ def main(argv=None):
     os.makedirs(cfg["out_dir"], exist_ok=True)
     if master:
         est = memory_estimate(raw_model, n_trainable, cfg, 2 if ptdtype != torch.float32 else 4,
-                              0 if device.startswith("cuda") else resident_memory())
+                              0 if device.startswith("cuda") else resident)
         print("memory estimate: " + ", ".join(f"{k} {gib(v)}" for k, v in est.items()))
         print(f"{len(train_ex)} training and {len(val_ex)} validation examples; {steps_per_epoch} steps per epoch; "
               f"training for {max_iters} steps")
