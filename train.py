@@ -254,11 +254,15 @@ def report_test(rows, base, tuned, n_examples=4):
 
     def shown(text):
         return (text if len(text) <= 60 else text[:57] + "...") if text else "(no answer)"
+
+    def answer(run, i):  # what it says, and the best answer it held back when it abstains
+        said, best = run["predictions"][i], run["best_answers"][i]
+        return shown(said) if said or not best else f"(no answer; its best answer: {shown(best)})"
     for i in range(0, len(rows), max(1, len(rows) // n_examples))[:n_examples]:  # evenly spread, the same every run
         print(f"\n  question   {rows[i]['question']}\n  gold       {shown(' | '.join(rows[i]['answers']))}")
         if base is not None:
-            print(f"  base       {shown(base['predictions'][i])}")
-        print(f"  fine-tuned {shown(tuned['predictions'][i])}")
+            print(f"  base       {answer(base, i)}")
+        print(f"  fine-tuned {answer(tuned, i)}")
 
 
 def plot_losses(history, path):
@@ -465,7 +469,8 @@ def main(argv=None):
         s = score(preds, golds, contexts)
         every = score([r["answer"] for r in readings], golds, contexts)
         s.update(null_threshold=threshold, answering_all={k: every[k] for k in ("has_answer_f1", "answered", "invented")})
-        return {"score": s, "predictions": preds, "null_diffs": [r["null_diff"] for r in readings]}
+        return {"score": s, "predictions": preds, "best_answers": [r["answer"] for r in readings],
+                "null_diffs": [r["null_diff"] for r in readings]}
 
     if state is None:  # the base model's numbers: what training has to beat
         if val_ex:
