@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from common import DEFAULT_CHECKPOINT, ROOT, check_checkpoint, machine_note, median, set_threads
+from common import DEFAULT_CHECKPOINT, ROOT, check_checkpoint, machine_note, median, set_threads, summary
 
 
 def main(argv=None):
@@ -87,8 +87,7 @@ def main(argv=None):
     gap = max(abs(x["null_diff"] - y["null_diff"]) for x, y in zip(got[names[0]], got[names[1]]))
     print(f"passages read once vs each prompt whole: {sum(same)}/{len(same)} answers identical, "
           f"null_diff within {gap:.1e}")
-    print(f"reading_seconds_per_question: ours {median(seconds[names[-1]]):.3f} s, reference {first:.3f} s, "
-          f"ratio {median(seconds[names[-1]]) / first:.2f}")
+    summary("reading_seconds_per_question", median(seconds[names[-1]]), first, "s", digits=5)
 
 
 if __name__ == "__main__":
