@@ -197,6 +197,9 @@ def _no_answer_ids(tok):
     return ids[:end + 1], min(len(tok.encode(data.NO_ANSWER.split()[0])), end)
 
 
+_LINE_TABLES = {}  # (tokenizer, vocabulary size, device) -> the two masks below, built once
+
+
 def _line_end_tables(tok, vocab, device):
     """Two (vocab,) masks: tokens whose text holds a newline, and tokens whose text holds something else than
     whitespace. Only the first line of an answer counts (answer_from_generation), so a row's reading can stop at
@@ -208,9 +211,6 @@ def _line_end_tables(tok, vocab, device):
         visible = torch.tensor([bool(t.strip()) for t in texts], device=device)
         _LINE_TABLES[key] = (newline, visible)
     return _LINE_TABLES[key]
-
-
-_LINE_TABLES = {}
 
 
 def _shift_keys(k, shift, cos_table, sin_table):

@@ -235,14 +235,15 @@ def save_checkpoint(out_dir, model, opt, cfg, base, pos, history, scaler=None):
 def report_test(rows, base, tuned, n_examples=4):
     """The last lines of a run: the test questions answered by the base model and by the fine-tuned one (each at the
     threshold chosen on validation, and answering every question), and a few of them side by side."""
-    always = score([""] * len(rows), [r["answers"] for r in rows])["f1"]
-    print(f"held-out test: {len(rows)} questions, never trained on (always 'no answer' scores F1 {always:.1f})")
+    print(f"held-out test: {len(rows)} questions, never trained on (always 'no answer' scores F1 "
+          f"{tuned['score']['always_no_answer_f1']:.1f})")
     for name, run in (("base model", base), ("fine-tuned", tuned)):
         if run is None:  # resumed from a run that did not answer them before training
             continue
         s, a = run["score"], run["score"]["answering_all"]
         print(f"  {name:<10}  {summary(s)}\n  {'':<10}  answering all: has-answer F1 {a['has_answer_f1']:.1f}, "
               f"invented {a['invented']:.1f}%")
+
     def invented(s):
         return f"{s['invented']:.0f}%" if s["answered"] else "none"
     if base is not None:
@@ -468,7 +469,8 @@ def main(argv=None):
         preds = decide(readings, threshold)
         s = score(preds, golds, contexts)
         every = score([r["answer"] for r in readings], golds, contexts)
-        s.update(null_threshold=threshold, answering_all={k: every[k] for k in ("has_answer_f1", "answered", "invented")})
+        s.update(null_threshold=threshold, answering_all={k: every[k] for k in ("has_answer_f1", "answered", "invented")},
+                 always_no_answer_f1=score([""] * len(golds), golds)["f1"])
         return {"score": s, "predictions": preds, "best_answers": [r["answer"] for r in readings],
                 "null_diffs": [r["null_diff"] for r in readings]}
 
@@ -575,7 +577,6 @@ def main(argv=None):
     if master:
         if test_rows:
             report_test(test_rows, history.get("base_test"), tuned)
-            test["always_no_answer_f1"] = score([""] * len(test_rows), [r["answers"] for r in test_rows])["f1"]
             with open(os.path.join(cfg["out_dir"], "test_predictions.jsonl"), "w", encoding="utf-8") as f:
                 for row, pred, nd in zip(test_rows, tuned["predictions"], tuned["null_diffs"]):
                     f.write(json.dumps({"id": row["id"], "answers": row["answers"], "prediction": pred,
