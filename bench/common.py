@@ -8,6 +8,9 @@ Every comparison ends in one line a script (or a person) can parse:
     name: ours X unit, reference Y unit, ratio Z
 
 ratio is always ours / reference. For a speed that means higher is better; for memory, lower is better.
+
+Every bench script takes --key=value through configurator.py (python bench/generate.py --smoke=True), with its
+settings block at the top of the script; SHARED_SETTINGS below are the ones three of them share.
 """
 
 import json
@@ -24,6 +27,16 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 DEFAULT_CHECKPOINT = os.path.join(ROOT, "checkpoints", "SmolLM2-135M-Instruct")
 RESULT_TAG = "BENCH_RESULT "  # a worker's last stdout line: this tag, then its measurements as JSON
+
+# The settings dequant.py, generate.py and train.py share: each merges them into its own settings block.
+SHARED_SETTINGS = dict(
+    device="auto",  # "auto": cuda when torch sees a GPU, else cpu; or "cpu", "cuda"
+    dtype="auto",   # "auto": float32 on a CPU, bfloat16 on a GPU, on every CPU alike (unlike configurator.py's auto,
+                    # which picks bfloat16 on a CPU that computes it natively); or float32, bfloat16, float16
+    threads=0,      # torch CPU threads (0: torch's default; on a busy machine 1 gives steadier numbers)
+    seed=0,         # of the random weights, tokens and prompts
+    smoke=False,    # a tiny run: checks that everything works, times nothing useful
+)
 
 
 def summary(name, ours, ref, unit, digits=1):
@@ -70,11 +83,27 @@ def timing_note(device):
 
 
 def pick_device(name):
+    """The device setting -> "cpu" or "cuda"."""
+    check_choice("device", name, ("auto", "cpu", "cuda"))
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but torch sees no CUDA GPU; use --device cpu")
+        sys.exit("error: --device=cuda but torch sees no CUDA GPU; use --device=cpu")
     return name
+
+
+def pick_dtype(name, device):
+    """The dtype setting -> a torch dtype; "auto": bfloat16 on a GPU, float32 on a CPU (SHARED_SETTINGS)."""
+    from configurator import torch_dtype
+    if name == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return torch_dtype(name)
+
+
+def check_choice(key, value, choices):
+    """A setting that must be one of a few words: say which, in one line, instead of failing later."""
+    if value not in choices:
+        sys.exit(f"error: {key} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def sync(device):
@@ -104,7 +133,7 @@ def machine_note():
     cpus, load = os.cpu_count(), os.getloadavg()[0]
     note = f"{cpus} CPUs, load average {load:.1f}, {torch.get_num_threads()} torch threads"
     if load > 0.75 * cpus and torch.get_num_threads() > 1:
-        note += " (busy machine: --threads 1 gives steadier numbers)"
+        note += " (busy machine: --threads=1 gives steadier numbers)"
     return note
 
 

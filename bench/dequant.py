@@ -2,11 +2,13 @@
 NF4 dequantization throughput: the step QLoRA runs for every linear layer twice per micro-batch (forward and
 backward), three times with gradient checkpointing (forward, recomputed forward, backward).
 
-    python bench/dequant.py                   # an 11008 x 4096 weight (a Llama-7B MLP projection)
-    python bench/dequant.py --rows=32000      # 32000 x 4096: the size of Llama 2's embedding and head
-    python bench/dequant.py --smoke           # a small weight, to check that it runs
-    python bench/dequant.py --decode          # 4-bit decoding: fused kernel vs dequantize-then-matmul, 7B layers
-    python bench/dequant.py --decode-sweep    # the same per layer shape at 1, 2, 4, 8 rows: where each path wins
+    python bench/dequant.py                       # an 11008 x 4096 weight (a Llama-7B MLP projection)
+    python bench/dequant.py --rows=32000          # 32000 x 4096: the size of Llama 2's embedding and head
+    python bench/dequant.py --smoke=True          # a small weight, to check that it runs
+    python bench/dequant.py --decode=True         # 4-bit decoding: fused kernel vs dequantize-then-matmul, 7B layers
+    python bench/dequant.py --decode_sweep=True   # the same per layer shape at 1, 2, 4, 8 rows: where each path wins
+
+The settings, each with what it means, are the block at the top of the code (and bench/common.py: SHARED_SETTINGS).
 
 On a GPU each call is timed with CUDA events and the L2 cache emptied before it (triton.testing.do_bench): at 7B
 sizes a call moves 50-300 MB, far more than Python's 15-30 us to launch it, and never finds its input in L2.
@@ -25,22 +27,41 @@ Two units:
                  does, so "ratio" in a *_vs_copy line is the fraction of the copy's bandwidth the
                  dequantization reaches.
 
---decode times what one decoding step does with a 4-bit model: every linear layer of a stack of Llama-7B-shaped
+decode=True times what one decoding step does with a 4-bit model: every linear layer of a stack of Llama-7B-shaped
 layers (q, k, v, o: dim x dim; gate, up: hidden x dim; down: dim x hidden) multiplies one token per sequence.
   CUDA: quant.matvec_nf4 (the fused Triton kernel: W never written in 16 bits) vs dequantize_nf4 + F.linear;
-  CPU:  the fused kernel's torch twin vs dequantize_nf4 + F.linear (at --smoke size in the tests).
+  CPU:  the fused kernel's torch twin vs dequantize_nf4 + F.linear (at smoke size in the tests).
 It prints ms per token for the whole stack and the GB/s each side must move at least (4-bit weights; plus W in
 16 bits written and read back by dequantize-then-matmul), and ends in one "decode_*" summary line in tokens/s
 (ours: the fused path). On CPU the twin rebuilds W in cache-sized chunks, so its "GB moved" is only a floor.
 """
 
-import argparse
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from common import add_common_args, kernel_seconds, machine_note, pick_device, set_threads, summary, timing_note
+import common
+
+# -- settings (defaults; override with --key=value or a config file, see configurator.py) -------------------------
+rows = 11008                 # the weight: rows x cols (11008 x 4096: a Llama-7B MLP projection)
+cols = 4096
+blocksize = 64               # values per NF4 block (one absmax each)
+reps = 5                     # timed rounds, each system once per round, interleaved
+iters = 0                    # calls per timing (0: 3 on a CPU, 50 on CUDA; 20 tokens on CUDA with decode)
+decode = False               # 4-bit decoding through a stack of Llama-7B-shaped layers, instead of one weight
+decode_sweep = False         # fused vs dequantize-then-matmul per layer shape at 1, 2, 4, 8 rows, and the crossover
+dim = 4096                   # decode and decode_sweep: the model's width
+hidden = 11008               # decode and decode_sweep: the MLP's width
+layers = 32                  # decode: layers in the stack
+batch_size = 1               # decode: sequences decoded together (rows of x)
+# -------------------------------------------------------------------------------------------------------------------
+settings = {**common.SHARED_SETTINGS,  # device, dtype (of the output), threads, seed, smoke: bench/common.py
+            **{k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}}
+
+from common import (kernel_seconds, machine_note, pick_device, pick_dtype, set_threads, summary,  # noqa: E402
+                    timing_note)
+from configurator import configure  # noqa: E402
 
 
 def bnb_state(state, dtype):
@@ -60,42 +81,27 @@ def bytes_moved(packed, state, dtype):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=11008)
-    p.add_argument("--cols", type=int, default=4096)
-    p.add_argument("--blocksize", type=int, default=64)
-    add_common_args(p, "output dtype; auto: float32 on CPU (the CPU compute dtype), bfloat16 on CUDA")
-    p.add_argument("--reps", type=int, default=5, help="timed rounds, each system once per round, interleaved")
-    p.add_argument("--iters", type=int, default=0, help="calls per timing (0: 3 on CPU, 50 on CUDA)")
-    p.add_argument("--decode", action="store_true", help="4-bit decoding through a stack of Llama-7B-shaped layers")
-    p.add_argument("--dim", type=int, default=4096, help="--decode: model width")
-    p.add_argument("--hidden", type=int, default=11008, help="--decode: MLP width")
-    p.add_argument("--layers", type=int, default=32, help="--decode: layers in the stack")
-    p.add_argument("--batch", type=int, default=1, help="--decode: sequences decoded together (rows of x)")
-    p.add_argument("--decode-sweep", action="store_true",
-                   help="fused vs dequantize-then-matmul per layer shape at 1, 2, 4, 8 rows, and the crossover")
-    a = p.parse_args(argv)
-    if a.smoke:
-        a.rows, a.cols, a.reps, a.iters = 256, 256, 1, 1
-        a.dim, a.hidden, a.layers = 64, 96, 2
-    if a.decode_sweep:
-        return decode_sweep(a)
-    if a.decode:
-        return decode(a)
-    if min(a.rows, a.cols, a.reps) < 1 or a.iters < 0:
-        p.error("--rows, --cols and --reps must be at least 1, --iters at least 0")
-    set_threads(a.threads)
-    device = pick_device(a.device)
-    dtype = getattr(torch, a.dtype) if a.dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
-    iters = a.iters or (50 if device == "cuda" else 3)
+    cfg = configure(settings, argv)
+    if cfg["smoke"]:
+        cfg.update(rows=256, cols=256, reps=1, iters=1, dim=64, hidden=96, layers=2)
+    if cfg["decode_sweep"]:
+        return time_decode_sweep(cfg)
+    if cfg["decode"]:
+        return time_decode(cfg)
+    rows, cols, reps = cfg["rows"], cfg["cols"], cfg["reps"]
+    if min(rows, cols, reps) < 1 or cfg["iters"] < 0:
+        sys.exit("error: rows, cols and reps must be at least 1, iters at least 0")
+    set_threads(cfg["threads"])
+    device = pick_device(cfg["device"])
+    dtype = pick_dtype(cfg["dtype"], device)
+    iters = cfg["iters"] or (50 if device == "cuda" else 3)
 
     import bitsandbytes.functional as bF
     from quant import dequantize_nf4, quantize_nf4
 
-    g = torch.Generator().manual_seed(a.seed)
-    weight = torch.randn(a.rows, a.cols, generator=g).to(device)                   # (rows, cols) fp32
-    packed, state = quantize_nf4(weight, a.blocksize, double_quant=True)           # ((n + 1) // 2, 1) uint8
+    g = torch.Generator().manual_seed(cfg["seed"])
+    weight = torch.randn(rows, cols, generator=g).to(device)                       # (rows, cols) fp32
+    packed, state = quantize_nf4(weight, cfg["blocksize"], double_quant=True)      # ((n + 1) // 2, 1) uint8
     ref_state = bnb_state(state, dtype)
     n, moved = state.shape.numel(), bytes_moved(packed, state, dtype)
     copy_src = torch.empty(moved // 2, dtype=torch.uint8, device=device)           # read moved/2, write moved/2
@@ -115,11 +121,11 @@ def main(argv=None):
                 diff = (out.float() - expected.float()).abs().max().item()
                 print(f"warning: {name} output differs from the torch twin (max abs difference {diff:g})")
                 agree = "NOT identical"
-    print(f"dequant: {a.rows} x {a.cols} NF4 weight ({n / 1e6:.1f}M values), blocksize {a.blocksize}, double quant, "
-          f"-> {dtype} on {device}; {iters} calls per timing, {a.reps} interleaved rounds, "
+    print(f"dequant: {rows} x {cols} NF4 weight ({n / 1e6:.1f}M values), blocksize {cfg['blocksize']}, double quant, "
+          f"-> {dtype} on {device}; {iters} calls per timing, {reps} interleaved rounds, "
           f"outputs {agree}; {timing_note(device)}; {machine_note()}")
 
-    t = kernel_seconds(systems, device, iters, a.reps)  # per call
+    t = kernel_seconds(systems, device, iters, reps)  # per call
     out_bytes = n * torch.finfo(dtype).bits // 8
     out_gbs = {name: out_bytes / s / 1e9 for name, s in t.items()}
     moved_gbs = {name: moved / s / 1e9 for name, s in t.items()}
@@ -137,24 +143,25 @@ def main(argv=None):
         summary("dequant_torch_vs_copy", moved_gbs["torch"], moved_gbs["copy"], "GB/s moved", digits=3)
 
 
-def decode(a):
+def time_decode(cfg):
     """Fused 4-bit matrix-vector products vs dequantize-then-matmul over a stack of layers (see the docstring)."""
     from kernels import MATVEC_MAX_ROWS
     from quant import dequantize_nf4, matvec_nf4, quantize_nf4
-    if min(a.dim, a.hidden, a.layers, a.reps) < 1 or not 1 <= a.batch <= MATVEC_MAX_ROWS:
-        sys.exit(f"error: --dim, --hidden, --layers, --reps must be at least 1, --batch 1..{MATVEC_MAX_ROWS}")
-    set_threads(a.threads)
-    device = pick_device(a.device)
-    dtype = getattr(torch, a.dtype) if a.dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
-    iters = a.iters or (20 if device == "cuda" else 3)
-    g = torch.Generator().manual_seed(a.seed)
-    shapes = [(a.dim, a.dim)] * 4 + [(a.hidden, a.dim)] * 2 + [(a.dim, a.hidden)]  # q k v o, gate up, down
+    dim, hidden, layers, batch, reps = cfg["dim"], cfg["hidden"], cfg["layers"], cfg["batch_size"], cfg["reps"]
+    if min(dim, hidden, layers, reps) < 1 or not 1 <= batch <= MATVEC_MAX_ROWS:
+        sys.exit(f"error: dim, hidden, layers, reps must be at least 1, batch_size 1..{MATVEC_MAX_ROWS}")
+    set_threads(cfg["threads"])
+    device = pick_device(cfg["device"])
+    dtype = pick_dtype(cfg["dtype"], device)
+    iters = cfg["iters"] or (20 if device == "cuda" else 3)
+    g = torch.Generator().manual_seed(cfg["seed"])
+    shapes = [(dim, dim)] * 4 + [(hidden, dim)] * 2 + [(dim, hidden)]            # q k v o, gate up, down
     weights = []                                                                 # [(packed, state)] per linear
-    for _ in range(a.layers):
+    for _ in range(layers):
         for shape in shapes:
             w = (torch.randn(shape, generator=g) * 0.02).to(device)                  # (out, in), one at a time
-            weights.append(quantize_nf4(w, a.blocksize, double_quant=True))
-    inputs = {n: torch.randn(a.batch, n, generator=g).to(device, dtype) for n in {a.dim, a.hidden}}  # (batch, in)
+            weights.append(quantize_nf4(w, cfg["blocksize"], double_quant=True))
+    inputs = {n: torch.randn(batch, n, generator=g).to(device, dtype) for n in {dim, hidden}}  # (batch, in)
 
     def fused():
         for packed, state in weights:
@@ -174,31 +181,32 @@ def decode(a):
                    for p, s in weights)                                          # bytes read by the fused path
     w16 = n * torch.finfo(dtype).bits // 8                                       # W written, then read by the matmul
     moved = {"fused": four_bit, "dequant_matmul": four_bit + 2 * w16}
-    print(f"decode: {a.layers} layers of {a.dim}/{a.hidden} ({n / 1e9:.2f}B 4-bit weights), batch {a.batch}, {dtype} "
+    print(f"decode: {layers} layers of {dim}/{hidden} ({n / 1e9:.2f}B 4-bit weights), batch {batch}, {dtype} "
           f"on {device}; {fused_name} vs dequantize-then-matmul, largest difference {rel:.1e} of max |y|; "
-          f"{iters} tokens per timing, {a.reps} interleaved rounds; {timing_note(device)}; {machine_note()}")
+          f"{iters} tokens per timing, {reps} interleaved rounds; {timing_note(device)}; {machine_note()}")
 
     systems = {"fused": fused, "dequant_matmul": dequant_matmul}
-    t = kernel_seconds(systems, device, iters, a.reps)  # per token
+    t = kernel_seconds(systems, device, iters, reps)  # per token
     for name in systems:
         print(f"  {name:15s} {t[name] * 1e3:9.3f} ms per token, {moved[name] / 1e9:.3f} GB moved, "
               f"{moved[name] / t[name] / 1e9:.1f} GB/s")
     name = "decode_fused_vs_dequant_matmul" if device == "cuda" else "decode_twin_vs_dequant_matmul"
-    summary(name, a.batch / t["fused"], a.batch / t["dequant_matmul"], "tok/s", digits=2)
+    summary(name, batch / t["fused"], batch / t["dequant_matmul"], "tok/s", digits=2)
 
 
-def decode_sweep(a):
+def time_decode_sweep(cfg):
     """One 4-bit layer of each Llama-7B shape, x of 1, 2, 4, 8 rows: the fused product against dequantize-then-matmul,
     and the largest row count at which the fused one is faster on every shape (what quant.py: _use_fused should
     use; kernels.MATVEC_MAX_ROWS is an estimate until this runs on a GPU)."""
     from kernels import MATVEC_MAX_ROWS
     from quant import dequantize_nf4, matvec_nf4, quantize_nf4
-    set_threads(a.threads)
-    device = pick_device(a.device)
-    dtype = getattr(torch, a.dtype) if a.dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
-    iters = a.iters or (20 if device == "cuda" else 3)
-    g = torch.Generator().manual_seed(a.seed)
-    shapes = [(a.hidden, a.dim), (a.dim, a.hidden), (a.dim, a.dim)]             # gate/up, down, q/k/v/o: (out, in)
+    set_threads(cfg["threads"])
+    device = pick_device(cfg["device"])
+    dtype = pick_dtype(cfg["dtype"], device)
+    iters = cfg["iters"] or (20 if device == "cuda" else 3)
+    g = torch.Generator().manual_seed(cfg["seed"])
+    dim, hidden = cfg["dim"], cfg["hidden"]
+    shapes = [(hidden, dim), (dim, hidden), (dim, dim)]                         # gate/up, down, q/k/v/o: (out, in)
     fused_name = "fused kernel" if device == "cuda" else "torch twin of the fused kernel"
     print(f"decode sweep: {fused_name} vs dequantize-then-matmul, one layer per shape, {dtype} on {device}; "
           f"{timing_note(device)}; {machine_note()}")
@@ -210,7 +218,7 @@ def decode_sweep(a):
             x = torch.randn(rows, in_f, generator=g).to(device, dtype)                # (rows, in)
             systems = {"fused": lambda: matvec_nf4(x, packed, state),                 # (rows, out)
                        "dequant_matmul": lambda: F.linear(x, dequantize_nf4(packed, state, dtype))}
-            t = kernel_seconds(systems, device, iters, a.reps)
+            t = kernel_seconds(systems, device, iters, cfg["reps"])
             speedup = t["dequant_matmul"] / t["fused"]
             if speedup < 1:
                 faster_up_to = min(faster_up_to, rows // 2)

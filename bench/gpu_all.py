@@ -13,7 +13,7 @@ Steps, each a subprocess (a crash or a hang in one does not stop the others):
                  evaluation memory, decoding at batch 1 and at the evaluation batch
   dequant        bench/dequant.py at 11008 x 4096 and at 32000 x 4096 (embedding-sized): dequantization timed with
                  CUDA events and an emptied L2, against a copy of as many bytes and against bitsandbytes
-  decode sweep   bench/dequant.py --decode-sweep: fused 4-bit product vs dequantize-then-matmul at 1..8 rows, and
+  decode sweep   bench/dequant.py --decode_sweep=True: fused 4-bit product vs dequantize-then-matmul at 1..8 rows, and
                  the row count where dequantize-then-matmul starts to win (kernels.MATVEC_MAX_ROWS is an estimate)
   train          a short QLoRA run of the bundled SmolLM2 (nf4 base, bf16 on a GPU), stopped halfway,
   resume         continued with --init_from=resume,
@@ -44,7 +44,7 @@ def steps(a):
                   "--quantize=nf4", f"--dtype={'bfloat16' if gpu else 'float32'}", "--batch_size=4",
                   "--max_seq_len=320", f"--val_limit={n}", f"--eval_generate={n}", f"--test_limit={n}",
                   f"--max_new_tokens={2 * n}", "--eval_interval=2", "--warmup_iters=1"]
-    tiny = [] if gpu else ["--smoke", "--device", "cpu"]
+    tiny = [] if gpu else ["--smoke=True", "--device=cpu"]
     return [
         ("cuda tests", [PY, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider"]
          + ([] if gpu else ["--collect-only"]),
@@ -54,7 +54,7 @@ def steps(a):
          120, ("loaded", "training:", "speed:", "evaluation memory:", "decoding")),
         ("dequant 11008x4096", [PY, "bench/dequant.py", "--rows=11008", "--cols=4096"] + tiny, 25, ("dequant_",)),
         ("dequant 32000x4096", [PY, "bench/dequant.py", "--rows=32000", "--cols=4096"] + tiny, 25, ("dequant_",)),
-        ("decode sweep", [PY, "bench/dequant.py", "--decode-sweep"] + tiny, 40, ("crossover:",)),
+        ("decode sweep", [PY, "bench/dequant.py", "--decode_sweep=True"] + tiny, 40, ("crossover:",)),
         ("train", [PY, "train.py", *train_args, "--max_iters=2", "--lr_decay_iters=4"], 45,
          ("step 2:", "peak memory:")),
         ("resume", [PY, "train.py", f"--out_dir={run_dir}", "--init_from=resume", "--max_iters=4"], 30,

@@ -87,7 +87,7 @@ def test_reading_smoke(tiny_dir):
 
 
 def test_dequant_smoke():
-    proc = run_bench("dequant.py", "--smoke", "--device", "cpu")
+    proc = run_bench("dequant.py", "--smoke=True", "--device=cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "outputs identical" in proc.stdout and "warning" not in proc.stdout  # torch twin == bitsandbytes, bitwise
     lines = summaries(proc.stdout)
@@ -97,7 +97,7 @@ def test_dequant_smoke():
 
 
 def test_dequant_decode_smoke():
-    proc = run_bench("dequant.py", "--decode", "--smoke", "--device", "cpu")
+    proc = run_bench("dequant.py", "--decode=True", "--smoke=True", "--device=cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     diff = float(re.search(r"largest difference ([0-9.e+-]+) of max", proc.stdout).group(1))
     assert diff < 1e-5  # fp32 on both sides: the fused path's twin and dequantize-then-matmul sum in other orders
@@ -157,11 +157,11 @@ def test_gpu_check_runs_the_7b_recipe_at_tiny_size():
 
 
 def test_dequant_decode_sweep_smoke():
-    proc = run_bench("dequant.py", "--decode-sweep", "--smoke", "--device", "cpu")
+    proc = run_bench("dequant.py", "--decode_sweep=True", "--smoke=True", "--device=cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = re.findall(r"^\s+(\d+) x (\d+)\s+(\d) +([0-9.]+) +([0-9.]+) +([0-9.]+)x$", proc.stdout, re.M)
     assert [(int(o), int(i), int(m)) for o, i, m, *_ in rows] == [
-        (o, i, m) for o, i in ((96, 64), (64, 96), (64, 64)) for m in (1, 2, 4, 8)]   # --smoke: dim 64, hidden 96
+        (o, i, m) for o, i in ((96, 64), (64, 96), (64, 64)) for m in (1, 2, 4, 8)]   # smoke: dim 64, hidden 96
     for *_, fused, plain, speedup in rows:
         assert float(speedup) == pytest.approx(float(plain) / float(fused), rel=0.05, abs=0.01)
     assert re.search(r"^crossover: fused faster on every shape up to [0-8] rows", proc.stdout, re.M)
