@@ -112,15 +112,6 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def add_common_args(p, dtype_help):
-    """The options every bench script shares."""
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help=dtype_help)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="tiny run: checks that everything works, times nothing useful")
-
-
 def set_threads(n):
     """Pin the number of CPU threads torch uses. On a busy machine 1 thread is often steadier than 2: a parallel
     region waits for its slowest thread, and a thread descheduled by another process stalls all of them."""

@@ -2,27 +2,44 @@
 Greedy generation speed: our Llama with its preallocated KV cache (model.generate) against Hugging Face
 transformers' generate, on the same checkpoint, prompt and number of new tokens.
 
-    python bench/generate.py                  # bundled SmolLM2, fp32 on CPU (bf16 on a GPU)
-    python bench/generate.py --smoke          # a few tokens, to check that it runs
-    python bench/generate.py --quantize nf4   # 4-bit linear layers on both sides (the reference: bitsandbytes)
+    python bench/generate.py                    # bundled SmolLM2, fp32 on CPU (bf16 on a GPU)
+    python bench/generate.py --smoke=True       # a few tokens, to check that it runs
+    python bench/generate.py --quantize=nf4     # 4-bit linear layers on both sides (the reference: bitsandbytes)
+    python bench/generate.py --init_from=DIR     # another checkpoint folder (Hugging Face layout)
+
+The settings, each with what it means, are the block at the top of the code (and bench/common.py: SHARED_SETTINGS).
 
 Both decode greedily (temperature 0 / do_sample=False) with end-of-sequence disabled, so both produce exactly
---new-tokens tokens, and the script says whether the two token streams are identical (they should be: same model,
+new_tokens tokens, and the script says whether the two token streams are identical (they should be: same model,
 same arithmetic; a difference can only come from a near tie between two logits).
 tokens/s = batch * new tokens / wall time of the whole call, prompt processing (prefill) included.
-With --quantize nf4 every linear layer but the output head is NF4 with double quantization: ours through
+With quantize=nf4 every linear layer but the output head is NF4 with double quantization: ours through
 Llama.from_pretrained(quantize="nf4") (on a GPU its decode steps take kernels.py's fused kernel), the reference
 through transformers' BitsAndBytesConfig. The two quantize the same weights a little differently (bitsandbytes'
 approximate absmax lookup on CPU), so their greedy tokens can part after a near tie.
 Runs alternate ours, reference, ours, reference ... after one untimed warm-up each; medians are reported.
 """
 
-import argparse
+import sys
 
 import torch
 
-from common import (DEFAULT_CHECKPOINT, Timer, add_common_args, check_checkpoint, machine_note, median, pick_device,
+import common
+
+# -- settings (defaults; override with --key=value or a config file, see configurator.py) -------------------------
+init_from = common.DEFAULT_CHECKPOINT  # checkpoint folder in Hugging Face layout (default: the bundled SmolLM2)
+quantize = "none"            # "nf4": 4-bit linear layers on both sides (ours: quant.py; the reference: bitsandbytes)
+batch_size = 1               # sequences generated together
+prompt_tokens = 64           # random prompt tokens per sequence
+new_tokens = 128             # tokens generated after the prompt, exactly (end of sequence is disabled on both sides)
+reps = 3                     # timed runs per system, interleaved
+# -------------------------------------------------------------------------------------------------------------------
+settings = {**common.SHARED_SETTINGS,  # device, dtype, threads, seed, smoke: bench/common.py
+            **{k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}}
+
+from common import (Timer, check_checkpoint, check_choice, machine_note, median, pick_device, pick_dtype,  # noqa: E402
                     set_threads, summary)
+from configurator import configure  # noqa: E402
 
 
 def load_ours(path, dtype, device, max_seq_len, quantize=None):
@@ -59,41 +76,34 @@ def generate_reference(model, prompt, new_tokens):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="Hugging Face-layout folder (default: bundled)")
-    add_common_args(p, "auto: float32 on CPU, bfloat16 on CUDA")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--prompt-tokens", type=int, default=64)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--reps", type=int, default=3, help="timed runs per system, interleaved")
-    p.add_argument("--quantize", default="none", choices=["none", "nf4"], help="nf4: 4-bit linear layers on both sides")
-    a = p.parse_args(argv)
-    if a.smoke:
-        a.prompt_tokens, a.new_tokens, a.reps = 8, 4, 1
-    if min(a.batch, a.prompt_tokens, a.new_tokens, a.reps) < 1:
-        p.error("--batch, --prompt-tokens, --new-tokens and --reps must be at least 1")
-    check_checkpoint(a.checkpoint)
-    set_threads(a.threads)
-    device = pick_device(a.device)
-    dtype = getattr(torch, a.dtype) if a.dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
+    cfg = configure(settings, argv)
+    if cfg["smoke"]:
+        cfg.update(prompt_tokens=8, new_tokens=4, reps=1)
+    batch, prompt_tokens, new_tokens, reps = cfg["batch_size"], cfg["prompt_tokens"], cfg["new_tokens"], cfg["reps"]
+    if min(batch, prompt_tokens, new_tokens, reps) < 1:
+        sys.exit("error: batch_size, prompt_tokens, new_tokens and reps must be at least 1")
+    check_choice("quantize", cfg["quantize"], ("none", "nf4"))
+    check_checkpoint(cfg["init_from"])
+    set_threads(cfg["threads"])
+    device = pick_device(cfg["device"])
+    dtype = pick_dtype(cfg["dtype"], device)
 
-    quantize = None if a.quantize == "none" else a.quantize
-    ours = load_ours(a.checkpoint, dtype, device, a.prompt_tokens + a.new_tokens, quantize)
-    ref = load_reference(a.checkpoint, dtype, device, quantize)
-    g = torch.Generator().manual_seed(a.seed)
-    prompt = torch.randint(0, ours.args.vocab_size, (a.batch, a.prompt_tokens), generator=g).to(device)  # (B, P)
-    print(f"generate: {a.checkpoint}, {device}, {dtype}, linear layers {a.quantize}, batch {a.batch}, prompt {a.prompt_tokens} tokens, "
-          f"{a.new_tokens} new tokens, {a.reps} interleaved reps; {machine_note()}")
+    quantize = None if cfg["quantize"] == "none" else cfg["quantize"]
+    ours = load_ours(cfg["init_from"], dtype, device, prompt_tokens + new_tokens, quantize)
+    ref = load_reference(cfg["init_from"], dtype, device, quantize)
+    g = torch.Generator().manual_seed(cfg["seed"])
+    prompt = torch.randint(0, ours.args.vocab_size, (batch, prompt_tokens), generator=g).to(device)  # (B, P)
+    print(f"generate: {cfg['init_from']}, {device}, {dtype}, linear layers {cfg['quantize']}, batch {batch}, "
+          f"prompt {prompt_tokens} tokens, {new_tokens} new tokens, {reps} interleaved reps; {machine_note()}")
 
-    generate_ours(ours, prompt, a.new_tokens)             # warm-up: first calls pay for allocation and dispatch setup
-    generate_reference(ref, prompt, a.new_tokens)
+    generate_ours(ours, prompt, new_tokens)               # warm-up: first calls pay for allocation and dispatch setup
+    generate_reference(ref, prompt, new_tokens)
     speed, tokens = {"ours": [], "reference": []}, {}
-    for rep in range(a.reps):
+    for rep in range(reps):
         for name, model, fn in (("ours", ours, generate_ours), ("reference", ref, generate_reference)):
             with Timer(device) as t:
-                tokens[name] = fn(model, prompt, a.new_tokens)                     # (B, new_tokens)
-            speed[name].append(a.batch * a.new_tokens / t.seconds)
+                tokens[name] = fn(model, prompt, new_tokens)                       # (B, new_tokens)
+            speed[name].append(batch * new_tokens / t.seconds)
         print(f"  rep {rep}: ours {speed['ours'][-1]:.1f} tok/s, reference {speed['reference'][-1]:.1f} tok/s")
 
     if tokens["ours"].shape != tokens["reference"].shape:
@@ -106,7 +116,7 @@ def main(argv=None):
         first = int((~same).nonzero()[0])
         why = ("the two 4-bit models round a few absmax values differently" if quantize else
                "after a near tie between two logits, both continuations are valid greedy outputs")
-        print(f"greedy tokens: first difference at new token {first} of {a.new_tokens} ({why})")
+        print(f"greedy tokens: first difference at new token {first} of {new_tokens} ({why})")
     name = "generate_tokens_per_s" if quantize is None else f"generate_{quantize}_tokens_per_s"
     summary(name, median(speed["ours"]), median(speed["reference"]), "tok/s")
 

@@ -58,7 +58,7 @@ def check_line(values, unit):
 
 
 def test_generate_smoke(tiny_checkpoint):
-    proc = run_bench("generate.py", "--smoke", "--checkpoint", tiny_checkpoint)
+    proc = run_bench("generate.py", "--smoke=True", f"--init_from={tiny_checkpoint}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "greedy tokens: identical" in proc.stdout  # same model, same greedy choices on both sides
     lines = summaries(proc.stdout)
@@ -67,7 +67,7 @@ def test_generate_smoke(tiny_checkpoint):
 
 
 def test_generate_nf4_smoke(tiny_checkpoint):
-    proc = run_bench("generate.py", "--smoke", "--checkpoint", tiny_checkpoint, "--quantize", "nf4")
+    proc = run_bench("generate.py", "--smoke=True", f"--init_from={tiny_checkpoint}", "--quantize=nf4")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "linear layers nf4" in proc.stdout and "greedy tokens: " in proc.stdout
     lines = summaries(proc.stdout)
@@ -131,7 +131,7 @@ def test_train_smoke(tiny_checkpoint):
 
 
 def test_missing_checkpoint_says_what_to_do(tmp_path):
-    proc = run_bench("generate.py", "--smoke", "--checkpoint", str(tmp_path / "nowhere"))
+    proc = run_bench("generate.py", "--smoke=True", f"--init_from={tmp_path / 'nowhere'}")
     assert proc.returncode != 0
     assert "python prepare.py" in proc.stderr
 
