@@ -8,53 +8,60 @@ How fast evaluate.py reads questions, with and without its two speed levers, on 
 
     python bench/reading.py                               # bundled SmolLM2, 48 short-passage test questions, fp32
     python bench/reading.py --adapter=out/quickstart      # a fine-tuned model (stops early by itself)
-    python bench/reading.py --smoke                       # 6 questions, 1 round: checks that it runs
+    python bench/reading.py --smoke=True                  # 6 questions, 1 round: checks that it runs
+
+The settings, each with what it means, are the block at the top of the code.
 
 The variants run interleaved (all, then all again, ...) and medians are reported, in seconds per question. The last
 line checks that sharing the passage changes nothing but rounding: every variant with the same stopping rule gives
 the same answers.
 """
 
-import argparse
 import time
 
 import torch
 
-from common import DEFAULT_CHECKPOINT, ROOT, check_checkpoint, machine_note, median, set_threads, summary
+import common
+
+# -- settings (defaults; override with --key=value or a config file, see configurator.py) -------------------------
+init_from = common.DEFAULT_CHECKPOINT  # checkpoint folder in Hugging Face layout (default: the bundled SmolLM2)
+adapter = ""                 # a LoRA adapter folder to read with (PEFT format, e.g. a train.py out_dir)
+data = f"{common.ROOT}/data/persian_qa_short_test.jsonl"  # the questions, as evaluate.py reads them
+limit = 48                   # read only the first N questions (0: all)
+batch_size = 8               # prompts read at once
+max_new_tokens = 48
+reps = 2                     # rounds, each variant once per round, interleaved
+dtype = "float32"            # or "bfloat16" (the model runs on the CPU, as evaluate.py's reading does here)
+threads = 0                  # torch CPU threads (0: torch's default; on a busy machine 1 gives steadier numbers)
+smoke = False                # 6 questions, 1 round, 8 new tokens: checks that everything works, times nothing useful
+# -------------------------------------------------------------------------------------------------------------------
+settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+
+from common import check_checkpoint, check_choice, machine_note, median, set_threads, summary  # noqa: E402
+from configurator import configure  # noqa: E402
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
-    p.add_argument("--adapter", default="", help="a LoRA adapter folder to read with")
-    p.add_argument("--data", default=f"{ROOT}/data/persian_qa_short_test.jsonl")
-    p.add_argument("--questions", type=int, default=48)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--reps", type=int, default=2)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--smoke", action="store_true")
-    a = p.parse_args(argv)
-    if a.smoke:
-        a.questions, a.reps, a.max_new_tokens = 6, 1, 8
-    check_checkpoint(a.checkpoint)
-    set_threads(a.threads)
+    cfg = configure(settings, argv)
+    if cfg["smoke"]:
+        cfg.update(limit=6, reps=1, max_new_tokens=8)
+    check_choice("dtype", cfg["dtype"], ("float32", "bfloat16"))
+    check_checkpoint(cfg["init_from"])
+    set_threads(cfg["threads"])
 
     import data
     import evaluate
     from model import Llama
     from tokenizer import Tokenizer
-    model = Llama.from_pretrained(a.checkpoint, dtype=getattr(torch, a.dtype), max_seq_len=1024).eval()
-    if a.adapter:
+    model = Llama.from_pretrained(cfg["init_from"], dtype=getattr(torch, cfg["dtype"]), max_seq_len=1024).eval()
+    if cfg["adapter"]:
         from lora import load_adapter
-        load_adapter(model, a.adapter)
-    tok = Tokenizer(a.checkpoint)
-    rows = data.load_qa_rows(a.data)[0][:a.questions]
-    print(f"reading: {len(rows)} questions of {a.data} on {len(set(r['context'] for r in rows))} passages, "
-          f"{a.checkpoint}{' + ' + a.adapter if a.adapter else ''}, {a.dtype}, batch {a.batch}, up to "
-          f"{a.max_new_tokens} new tokens; {machine_note()}")
+        load_adapter(model, cfg["adapter"])
+    tok = Tokenizer(cfg["init_from"])
+    rows = data.load_qa_rows(cfg["data"])[0][:cfg["limit"] or None]
+    print(f"reading: {len(rows)} questions of {cfg['data']} on {len(set(r['context'] for r in rows))} passages, "
+          f"{cfg['init_from']}{' + ' + cfg['adapter'] if cfg['adapter'] else ''}, {cfg['dtype']}, "
+          f"batch {cfg['batch_size']}, up to {cfg['max_new_tokens']} new tokens; {machine_note()}")
 
     shared, tables = evaluate.prefill_shared, evaluate._line_end_tables
 
@@ -70,11 +77,11 @@ def main(argv=None):
                 "+ first line only (what evaluate.py does)": (shared, tables)}
     seconds, got = {v: [] for v in variants}, {}
     try:
-        for rep in range(a.reps):
+        for rep in range(cfg["reps"]):
             for name, (prefill, stop) in variants.items():
                 evaluate.prefill_shared, evaluate._line_end_tables = prefill, stop
                 t0 = time.perf_counter()
-                got[name] = evaluate.read(model, tok, rows, 1024, a.max_new_tokens, a.batch)
+                got[name] = evaluate.read(model, tok, rows, 1024, cfg["max_new_tokens"], cfg["batch_size"])
                 seconds[name].append((time.perf_counter() - t0) / len(rows))
     finally:
         evaluate.prefill_shared, evaluate._line_end_tables = shared, tables

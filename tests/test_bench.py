@@ -77,7 +77,7 @@ def test_generate_nf4_smoke(tiny_checkpoint):
 
 def test_reading_smoke(tiny_dir):
     """bench/reading.py: evaluate.py's reading with and without its levers; sharing the passage changes no answer."""
-    proc = run_bench("reading.py", "--smoke", "--checkpoint", tiny_dir)
+    proc = run_bench("reading.py", "--smoke=True", f"--init_from={tiny_dir}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     m = re.search(r"(\d+)/(\d+) answers identical, null_diff within ([0-9.e+-]+)", proc.stdout)
     assert m and m.group(1) == m.group(2) == "6" and float(m.group(3)) < 1e-3, proc.stdout
