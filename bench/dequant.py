@@ -44,8 +44,8 @@ import torch.nn.functional as F
 import common
 
 # -- settings (defaults; override with --key=value or a config file, see configurator.py) -------------------------
-rows = 11008                 # the weight: rows x cols (11008 x 4096: a Llama-7B MLP projection)
-cols = 4096
+rows = 11008                 # the weight's height (11008 x 4096: a Llama-7B MLP projection)
+cols = 4096                  # the weight's width (the layer's input features)
 blocksize = 64               # values per NF4 block (one absmax each)
 reps = 5                     # timed rounds, each system once per round, interleaved
 iters = 0                    # calls per timing (0: 3 on a CPU, 50 on CUDA; 20 tokens on CUDA with decode)

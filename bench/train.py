@@ -4,20 +4,22 @@ Hugging Face transformers + PEFT (+ bitsandbytes 4-bit), on the same checkpoint,
 LoRA settings, optimizer and loss.
 
     python bench/train.py                     # bundled SmolLM2, fp32 on CPU (bf16 on a GPU), LoRA and QLoRA
-    python bench/train.py --modes qlora --batch 4 --seq-len 256
-    python bench/train.py --smoke             # one tiny step each, to check that it runs
+    python bench/train.py --mode=qlora --batch_size=4 --seq_len=256
+    python bench/train.py --smoke=True        # one tiny step each, to check that it runs
+
+The settings, each with what it means, are the block at the top of the code (and bench/common.py: SHARED_SETTINGS).
 
 What is held equal:
   - data: random token batches from a fixed seed (the content does not change the speed);
-  - loss: next-token cross-entropy averaged over the same positions, either the whole sequence (--loss full) or
-    only the last --answer-tokens of each row (--loss answer, like completion-only fine-tuning on QA). The two
+  - loss: next-token cross-entropy averaged over the same positions, either the whole sequence (loss=full) or
+    only the last answer_tokens of each row (loss=answer, like completion-only fine-tuning on QA). The two
     first-step losses are printed side by side: LoRA's B starts at zero, so both are the base model's loss and
     must agree to a few decimals, which shows both sides compute the same thing;
   - LoRA: r, alpha, dropout and target modules; adapters in fp32 on both sides; AdamW (torch's) on the adapters;
   - QLoRA: NF4, blocks of 64, double quantization, compute dtype = the model dtype; lm_head (tied to the
     embedding in SmolLM2) stays unquantized on both sides;
-  - no gradient checkpointing unless --grad-ckpt (then on both sides).
-Speed: tokens/s = batch * seq_len * timed steps / their wall time, after --warmup untimed steps; a step is
+  - no gradient checkpointing unless gradient_checkpointing=True (then on both sides).
+Speed: tokens/s = batch * seq_len * timed steps / their wall time, after `warmup` untimed steps; a step is
 forward + backward + optimizer step.
 Memory: each (system, mode, round) runs in a fresh Python process, so peaks never mix. On CPU, peak resident memory
 (RSS) above the process's own RSS right after its imports: "load" while reading and building the model, "train"
@@ -25,29 +27,54 @@ over the steps (weights + activations + optimizer). On CUDA, torch.cuda.max_memo
 Rounds alternate ours, reference, ours, reference ...; the summary reports medians.
 """
 
-import argparse
 import json
 import os
 import sys
 
 import torch
 
-from common import (DEFAULT_CHECKPOINT, Timer, check_checkpoint, machine_note, median, peak_rss_mib, pick_device,
-                    report_result, reset_peak_rss, rss_mib, run_worker, set_threads, summary)
+import common
 
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# -- settings (defaults; override with --key=value or a config file, see configurator.py) -------------------------
+init_from = common.DEFAULT_CHECKPOINT  # checkpoint folder in Hugging Face layout (default: the bundled SmolLM2)
+mode = "both"                # "lora", "qlora" (4-bit base: quant.py against bitsandbytes), or "both"
+batch_size = 2               # sequences per step
+seq_len = 128                # tokens per sequence
+steps = 3                    # timed steps per run
+warmup = 1                   # untimed steps before them
+reps = 2                     # runs per system and mode, interleaved
+lora_r = 8                   # LoRA's rank: W0 + (lora_alpha / lora_r) B A on each target layer, on both sides
+lora_alpha = 16
+lora_dropout = 0.0           # on the adapters' input
+lora_targets = "all-linear"  # or a tuple of module names such as ("q_proj", "v_proj")
+learning_rate = 1e-4         # AdamW (torch's) on the adapters, on both sides
+loss = "full"                # "full": every next token; "answer": only the last answer_tokens of each row
+answer_tokens = 32           # loss="answer": the positions that carry the loss, at the end of each row
+gradient_checkpointing = False  # on both sides
+worker = ""                  # internal: "ours" or "reference" runs that one system (and mode) in this process
+# -------------------------------------------------------------------------------------------------------------------
+settings = {**common.SHARED_SETTINGS,  # device, dtype, threads, seed, smoke: bench/common.py
+            **{k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}}
+
+from common import (Timer, check_checkpoint, check_choice, machine_note, median, peak_rss_mib,  # noqa: E402
+                    pick_device, pick_dtype, report_result, reset_peak_rss, rss_mib, run_worker, set_threads, summary)
+from configurator import configure  # noqa: E402
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # lora_targets="all-linear"
+SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # the header's name of a dtype
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The two systems. Each returns the model, ready to train, and a function batch -> loss.
 
-def build_ours(a, dtype, device):
+def build_ours(cfg, dtype, device):
     from lora import apply_lora
     from model import Llama
-    model = Llama.from_pretrained(a.checkpoint, dtype=dtype, device=device, max_seq_len=a.seq_len,
-                                  quantize="nf4" if a.mode == "qlora" else None)
-    apply_lora(model, r=a.r, alpha=a.alpha, dropout=a.dropout, targets=list(a.targets))
-    model.gradient_checkpointing = a.grad_ckpt
+    model = Llama.from_pretrained(cfg["init_from"], dtype=dtype, device=device, max_seq_len=cfg["seq_len"],
+                                  quantize="nf4" if cfg["mode"] == "qlora" else None)
+    apply_lora(model, r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
+               targets=list(cfg["lora_targets"]))
+    model.gradient_checkpointing = cfg["gradient_checkpointing"]
 
     def loss_fn(idx, labels):
         # our targets are already shifted (targets[t] is the token after idx[t]); the last position has none
@@ -56,23 +83,24 @@ def build_ours(a, dtype, device):
     return model, loss_fn
 
 
-def build_reference(a, dtype, device):
+def build_reference(cfg, dtype, device):
     import transformers
     from peft import LoraConfig, get_peft_model
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     extra = {}
-    if a.mode == "qlora":
+    if cfg["mode"] == "qlora":
         extra = dict(device_map=device, quantization_config=transformers.BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype))
-    base = transformers.LlamaForCausalLM.from_pretrained(a.checkpoint, dtype=dtype, **extra)
-    if a.mode == "lora":
+    base = transformers.LlamaForCausalLM.from_pretrained(cfg["init_from"], dtype=dtype, **extra)
+    if cfg["mode"] == "lora":
         base = base.to(device)
-    if a.grad_ckpt:
+    if cfg["gradient_checkpointing"]:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = get_peft_model(base, LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
-                                            target_modules=list(a.targets), bias="none", task_type="CAUSAL_LM"))
+    model = get_peft_model(base, LoraConfig(r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
+                                            lora_dropout=cfg["lora_dropout"], target_modules=list(cfg["lora_targets"]),
+                                            bias="none", task_type="CAUSAL_LM"))
 
     def loss_fn(idx, labels):
         # transformers shifts the labels itself: logits at t are scored against labels[t + 1]
@@ -80,15 +108,16 @@ def build_reference(a, dtype, device):
     return model, loss_fn
 
 
-def make_batches(a, vocab_size, n):
+def make_batches(cfg, vocab_size, n):
     """n (idx, labels) pairs of shape (B, T); labels are -100 where no loss is taken."""
-    g = torch.Generator().manual_seed(a.seed)
+    g = torch.Generator().manual_seed(cfg["seed"])
+    B, T = cfg["batch_size"], cfg["seq_len"]
     batches = []
     for _ in range(n):
-        idx = torch.randint(0, vocab_size, (a.batch, a.seq_len), generator=g)   # (B, T)
+        idx = torch.randint(0, vocab_size, (B, T), generator=g)                 # (B, T)
         labels = idx.clone()
-        if a.loss == "answer":
-            labels[:, :a.seq_len - a.answer_tokens] = -100                      # prompt part: no loss
+        if cfg["loss"] == "answer":
+            labels[:, :T - cfg["answer_tokens"]] = -100                         # prompt part: no loss
         batches.append((idx, labels))
     return batches
 
@@ -119,13 +148,14 @@ def import_everything(system, mode):
         from transformers.quantizers import quantizer_bnb_4bit  # noqa: F401
 
 
-def worker(a):
-    set_threads(a.threads)
-    import_everything(a.worker, a.mode)
-    device = pick_device(a.device)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    batches = [(x.to(device), y.to(device)) for x, y in make_batches(a, vocab_size_of(a.checkpoint),
-                                                                    a.warmup + a.steps)]
+def measure(cfg):
+    """Build one system (cfg["worker"]) for one mode, train it, and hand its numbers to the parent process."""
+    set_threads(cfg["threads"])
+    import_everything(cfg["worker"], cfg["mode"])
+    device = pick_device(cfg["device"])
+    dtype = pick_dtype(cfg["dtype"], device)
+    batches = [(x.to(device), y.to(device)) for x, y in make_batches(cfg, vocab_size_of(cfg["init_from"]),
+                                                                    cfg["warmup"] + cfg["steps"])]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         mem_now = lambda: torch.cuda.memory_allocated() / 2**20
@@ -136,13 +166,13 @@ def worker(a):
     base_mem = mem_now()  # after the imports and the data: what is left is the model and its training
 
     with Timer(device) as load:
-        model, loss_fn = (build_ours if a.worker == "ours" else build_reference)(a, dtype, device)
+        model, loss_fn = (build_ours if cfg["worker"] == "ours" else build_reference)(cfg, dtype, device)
     load_peak = mem_peak() - base_mem
     if mem_reset() is False:  # the kernel refused to reset the peak: "train" then includes loading
         print("note: cannot reset the peak RSS on this system; the train peak includes loading", file=sys.stderr)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=a.lr)
+    opt = torch.optim.AdamW(params, lr=cfg["learning_rate"])
 
     losses, seconds = [], []
     for i, (idx, labels) in enumerate(batches):
@@ -152,10 +182,10 @@ def worker(a):
             opt.step()
             opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
-        if i >= a.warmup:
+        if i >= cfg["warmup"]:
             seconds.append(t.seconds)
     report_result(dict(
-        tokens_per_s=a.batch * a.seq_len * a.steps / sum(seconds),
+        tokens_per_s=cfg["batch_size"] * cfg["seq_len"] * cfg["steps"] / sum(seconds),
         load_peak_mib=load_peak, train_peak_mib=mem_peak() - base_mem, load_s=load.seconds,
         first_loss=losses[0], last_loss=losses[-1], trainable=sum(p.numel() for p in params)))
 
@@ -163,59 +193,41 @@ def worker(a):
 # --------------------------------------------------------------------------------------------------------------
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="Hugging Face-layout folder (default: bundled)")
-    p.add_argument("--modes", nargs="+", default=["lora", "qlora"], choices=["lora", "qlora"])
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                   help="auto: cuda if available; the model runs in fp32 on CPU, bf16 on CUDA")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per run")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps before them")
-    p.add_argument("--reps", type=int, default=2, help="runs per system and mode, interleaved")
-    p.add_argument("--r", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16)
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--targets", nargs="+", default=list(ALL_LINEAR))
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--loss", default="full", choices=["full", "answer"],
-                   help="full: every next token; answer: only the last --answer-tokens of each row")
-    p.add_argument("--answer-tokens", type=int, default=32)
-    p.add_argument("--grad-ckpt", action="store_true", help="gradient checkpointing on both sides")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="one tiny step each: checks that it runs, times nothing")
-    p.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)  # internal: run one system
-    p.add_argument("--mode", choices=["lora", "qlora"], help=argparse.SUPPRESS)        # internal: with --worker
-    a = p.parse_args(argv)
-    if a.smoke:
-        a.batch, a.seq_len, a.steps, a.warmup, a.reps, a.answer_tokens = 1, 16, 1, 0, 1, 4
-    if min(a.batch, a.seq_len, a.steps, a.reps, a.r) < 1 or a.warmup < 0:
-        p.error("--batch, --seq-len, --steps, --reps and --r must be at least 1, --warmup at least 0")
-    if a.loss == "answer" and not 1 <= a.answer_tokens < a.seq_len:
-        p.error(f"--answer-tokens must be between 1 and --seq-len - 1 ({a.seq_len - 1})")
-    return a
+    cfg = configure(settings, argv)
+    if cfg["smoke"]:
+        cfg.update(batch_size=1, seq_len=16, steps=1, warmup=0, reps=1, answer_tokens=4)
+    for key, choices in (("mode", ("lora", "qlora", "both")), ("loss", ("full", "answer")),
+                         ("worker", ("", "ours", "reference"))):
+        check_choice(key, cfg[key], choices)
+    if cfg["lora_targets"] == "all-linear":
+        cfg["lora_targets"] = ALL_LINEAR
+    if min(cfg["batch_size"], cfg["seq_len"], cfg["steps"], cfg["reps"], cfg["lora_r"]) < 1 or cfg["warmup"] < 0:
+        sys.exit("error: batch_size, seq_len, steps, reps and lora_r must be at least 1, warmup at least 0")
+    if cfg["loss"] == "answer" and not 1 <= cfg["answer_tokens"] < cfg["seq_len"]:
+        sys.exit(f"error: answer_tokens must be between 1 and seq_len - 1 ({cfg['seq_len'] - 1})")
+    return cfg
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    a = parse(argv)
-    if a.worker:
-        return worker(a)
-    check_checkpoint(a.checkpoint)
-    set_threads(a.threads)  # here only for the header's note; each worker sets its own
-    device = pick_device(a.device)
-    loss = "every next token" if a.loss == "full" else f"last {a.answer_tokens} tokens of each row"
-    print(f"train: {a.checkpoint}, {device}, {'bf16' if device == 'cuda' else 'fp32'}, batch {a.batch} x "
-          f"{a.seq_len} tokens, LoRA r={a.r} alpha={a.alpha:g} dropout={a.dropout:g} on {','.join(a.targets)}, "
-          f"loss on {loss}, {a.warmup} warm-up + {a.steps} timed steps, {a.reps} interleaved rounds"
-          f"{', gradient checkpointing' if a.grad_ckpt else ''}; {machine_note()}", flush=True)
-    for mode in a.modes:
+    cfg = parse(argv)
+    if cfg["worker"]:
+        return measure(cfg)
+    check_checkpoint(cfg["init_from"])
+    set_threads(cfg["threads"])  # here only for the header's note; each worker sets its own
+    device = pick_device(cfg["device"])
+    dtype = pick_dtype(cfg["dtype"], device)
+    loss = "every next token" if cfg["loss"] == "full" else f"last {cfg['answer_tokens']} tokens of each row"
+    print(f"train: {cfg['init_from']}, {device}, {SHORT[dtype]}, batch {cfg['batch_size']} x {cfg['seq_len']} tokens, "
+          f"LoRA r={cfg['lora_r']} alpha={cfg['lora_alpha']:g} dropout={cfg['lora_dropout']:g} on "
+          f"{','.join(cfg['lora_targets'])}, loss on {loss}, {cfg['warmup']} warm-up + {cfg['steps']} timed steps, "
+          f"{cfg['reps']} interleaved rounds{', gradient checkpointing' if cfg['gradient_checkpointing'] else ''}; "
+          f"{machine_note()}", flush=True)
+    for mode in ("lora", "qlora") if cfg["mode"] == "both" else (cfg["mode"],):
         runs = {"ours": [], "reference": []}
-        for rep in range(a.reps):
+        for rep in range(cfg["reps"]):
             for system in runs:
-                r = run_worker(os.path.abspath(__file__), argv + ["--worker", system, "--mode", mode])
+                r = run_worker(os.path.abspath(__file__), argv + [f"--worker={system}", f"--mode={mode}"])
                 runs[system].append(r)
                 print(f"  {mode} round {rep} {system:9s}: {r['tokens_per_s']:8.1f} tok/s, peak MiB load "
                       f"{r['load_peak_mib']:7.1f} train {r['train_peak_mib']:7.1f}, load {r['load_s']:5.1f} s, "

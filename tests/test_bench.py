@@ -108,7 +108,7 @@ def test_dequant_decode_smoke():
 
 def test_train_smoke(tiny_checkpoint):
     # answer-only loss: the harder case to get equal on both sides (the mask must cover the same positions)
-    proc = run_bench("train.py", "--smoke", "--checkpoint", tiny_checkpoint, "--loss", "answer")
+    proc = run_bench("train.py", "--smoke=True", f"--init_from={tiny_checkpoint}", "--loss=answer")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "warning" not in proc.stdout  # same number of trainable LoRA parameters on both sides
     lines = summaries(proc.stdout)
