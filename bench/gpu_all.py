@@ -50,7 +50,7 @@ def steps(a):
          + ([] if gpu else ["--collect-only"]),
          120, (" passed", " failed", " error", " skipped", " collected", "no tests ran")),
         ("gpu_check", [PY, "bench/gpu_check.py", f"--shape={a.shape}", f"--device={a.device}"]
-         + ([] if gpu else ["--seq-len=64", "--decode-tokens=4", "--steps=2"]),
+         + ([] if gpu else ["--seq_len=64", "--new_tokens=4", "--steps=2"]),
          120, ("loaded", "training:", "speed:", "evaluation memory:", "decoding")),
         ("dequant 11008x4096", [PY, "bench/dequant.py", "--rows=11008", "--cols=4096"] + tiny, 25, ("dequant_",)),
         ("dequant 32000x4096", [PY, "bench/dequant.py", "--rows=32000", "--cols=4096"] + tiny, 25, ("dequant_",)),

@@ -4,6 +4,8 @@ Does config/persian_qa.py fit on your GPU, and how fast is it? One command, no 7
     python bench/gpu_check.py                  # Llama 2 7B's shapes, random weights, on the GPU
     python bench/gpu_check.py --shape=tiny     # the same code on a tiny model (CPU is fine): what the tests run
 
+The settings, each with what it means, are the block at the top of the code.
+
 It builds a model of Llama 2 7B's shapes through the real loading path (convert.py: load_state_one_by_one, each
 linear layer quantized to NF4 as its tensor arrives, so 16-bit weights never pile up), then trains it the way
 config/persian_qa.py does: LoRA r=32 on every linear layer, dropout 0.1, gradient checkpointing, paged AdamW, bf16
@@ -20,12 +22,20 @@ autocast, micro-batches of 4 x 1,024 tokens, the loss on the last 64 tokens of e
 The weights are random, so the loss means nothing; the memory and the speed are those of the real run.
 """
 
-import argparse
 import os
 import sys
 import time
 
 import torch
+
+# -- settings (defaults; override with --key=value or a config file, see configurator.py) -------------------------
+shape = "7b"                 # "7b": Llama 2 7B's shapes; "tiny": 2 layers of width 64, the same code in seconds
+device = "cuda" if torch.cuda.is_available() else "cpu"  # 7B shapes need a GPU; on "cpu", shape="tiny"
+steps = 3                    # training steps; the first is not timed
+seq_len = 0                  # tokens per sequence (0: config/persian_qa.py's max_seq_len)
+new_tokens = 32              # tokens generated greedily per decoding timing
+# -------------------------------------------------------------------------------------------------------------------
+settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # first, even if already there: "import train" is the root's train.py, not bench/train.py
@@ -73,24 +83,20 @@ def random_tensors(args, device, dtype):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="7b", choices=sorted(SHAPES))
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--steps", type=int, default=3, help="training steps; the first is not timed")
-    p.add_argument("--seq-len", type=int, default=0, help="tokens per sequence (0: config/persian_qa.py's)")
-    p.add_argument("--decode-tokens", type=int, default=32)
-    a = p.parse_args(argv)
-    cfg = configure(train.settings, [os.path.join(ROOT, "config", "persian_qa.py"), f"--device={a.device}"])
-    if a.seq_len:
-        cfg["max_seq_len"] = a.seq_len
-    device, on_gpu = a.device, a.device.startswith("cuda")
+    run = configure(settings, argv)  # this check's settings; cfg below: the training config it checks
+    if run["shape"] not in SHAPES:
+        sys.exit(f"error: shape must be one of {', '.join(SHAPES)}, got {run['shape']!r}")
+    cfg = configure(train.settings, [os.path.join(ROOT, "config", "persian_qa.py"), f"--device={run['device']}"])
+    if run["seq_len"]:
+        cfg["max_seq_len"] = run["seq_len"]
+    device, on_gpu = run["device"], run["device"].startswith("cuda")
     if on_gpu and not torch.cuda.is_available():
-        sys.exit("error: --device cuda but torch sees no CUDA GPU; use --shape=tiny --device=cpu")
+        sys.exit("error: --device=cuda but torch sees no CUDA GPU; use --shape=tiny --device=cpu")
     dtype = torch.bfloat16 if on_gpu else torch.float32  # bf16 on a CPU without native support would crawl
     eval_bs = cfg["eval_batch_size"] or cfg["batch_size"]           # train.py's rule
-    longest = cfg["max_seq_len"] + 64 + max(cfg["max_new_tokens"], a.decode_tokens)  # train.py's + the decode test
-    args = ModelArgs(**SHAPES[a.shape], max_seq_len=longest)
-    print(f"{a.shape} shapes on {device}, {dtype}: micro-batch {cfg['batch_size']} x {cfg['max_seq_len']} tokens, "
+    longest = cfg["max_seq_len"] + 64 + max(cfg["max_new_tokens"], run["new_tokens"])  # train.py's + the decode test
+    args = ModelArgs(**SHAPES[run["shape"]], max_seq_len=longest)
+    print(f"{run['shape']} shapes on {device}, {dtype}: micro-batch {cfg['batch_size']} x {cfg['max_seq_len']} tokens, "
           f"{cfg['grad_accum']} micro-batches per optimizer step, "
           f"LoRA r={cfg['lora_r']} on {cfg['lora_targets']}, dropout {cfg['lora_dropout']}, "
           f"checkpointing {cfg['gradient_checkpointing']}, {cfg['optimizer']}")
@@ -123,7 +129,7 @@ def main(argv=None):
         return time.perf_counter()
 
     model.train()
-    for step in range(a.steps):
+    for step in range(run["steps"]):
         t_step = now()
         for _ in range(cfg["grad_accum"]):  # train.py's micro-batches: gradients add up, one update at the end
             idx = torch.randint(args.vocab_size, (B, T), generator=g).to(device)        # (B, T)
@@ -176,7 +182,7 @@ def main(argv=None):
             for _ in model.generate(prompt, 2, temperature=0):  # warm-up: kernels compiled, cache allocated
                 pass
             t = now()
-            n = sum(1 for _ in model.generate(prompt, a.decode_tokens, temperature=0))
+            n = sum(1 for _ in model.generate(prompt, run["new_tokens"], temperature=0))
             return 1000 * (now() - t) / n
 
     for batch in dict.fromkeys((1, eval_bs)):  # one sequence (a chat), and the evaluation's batch
@@ -187,9 +193,9 @@ def main(argv=None):
         if on_gpu and kernels.triton is not None:
             fast = ms_per_token(batch)
             print(f"decoding batch {batch}: fused {fast:.1f} ms/token, dequantize-then-matmul {plain:.1f} ms/token "
-                  f"({plain / fast:.2f}x), {a.decode_tokens} tokens")
+                  f"({plain / fast:.2f}x), {run['new_tokens']} tokens")
         else:
-            print(f"decoding batch {batch}: {plain:.1f} ms/token ({a.decode_tokens} tokens; dequantize-then-matmul: "
+            print(f"decoding batch {batch}: {plain:.1f} ms/token ({run['new_tokens']} tokens; dequantize-then-matmul: "
                   f"the fused kernel needs a GPU and triton)")
 
 

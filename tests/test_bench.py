@@ -138,7 +138,7 @@ def test_missing_checkpoint_says_what_to_do(tmp_path):
 
 def test_gpu_check_runs_the_7b_recipe_at_tiny_size():
     """bench/gpu_check.py: the same loading path, step and decoding as on a GPU, on a tiny model on the CPU."""
-    proc = run_bench("gpu_check.py", "--shape=tiny", "--device=cpu", "--seq-len=64", "--decode-tokens=4")
+    proc = run_bench("gpu_check.py", "--shape=tiny", "--device=cpu", "--seq_len=64", "--new_tokens=4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = proc.stdout
     assert "LoRA r=32 on all-linear, dropout 0.1, checkpointing True, paged_adamw" in out  # config/persian_qa.py's
