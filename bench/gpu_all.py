@@ -6,6 +6,8 @@ bundled model if checkpoints/ lacks it: python prepare.py).
     python bench/gpu_all.py                       # on a CUDA GPU
     python bench/gpu_all.py --device=cpu --shape=tiny --init_from=DIR   # the same steps, small, on a CPU (the tests)
 
+The settings, each with what it means, are the block at the top of the code.
+
 Steps, each a subprocess (a crash or a hang in one does not stop the others):
   cuda tests     python -m pytest -m cuda: the compiled kernels at 7B sizes, paged AdamW with work in flight,
                  QLoRA steps in bf16 (on a CPU: only collected, to show the marker selects them)
@@ -23,24 +25,36 @@ The table holds each step's status, seconds and the lines that carry its numbers
 in <out_dir>/<step>.log.
 """
 
-import argparse
 import os
 import subprocess
 import sys
 import time
 
+# -- settings (defaults; override with --key=value or a config file, see configurator.py) -------------------------
+device = "cuda"              # "cpu" runs every step small (with shape="tiny"): what the tests do
+shape = "7b"                 # bench/gpu_check.py's shape: "7b" on a GPU, "tiny" on a CPU
+init_from = "checkpoints/SmolLM2-135M-Instruct"  # the model of the short QLoRA run (converted first if missing)
+out_dir = "out/gpu_all"      # every step's log, the runs' folders and the table
+out = ""                     # the table's file ("" -> <out_dir>/table.txt)
+master_port = 29531          # torchrun's rendezvous port
+# -------------------------------------------------------------------------------------------------------------------
+settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PY = sys.executable
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from configurator import configure  # noqa: E402
 
 
-def steps(a):
+def steps(cfg):
     """(name, command, time limit in seconds, prefixes of the output lines that go into the table)."""
-    gpu = a.device.startswith("cuda")
-    out = a.out_dir
+    device, init_from, out = cfg["device"], cfg["init_from"], cfg["out_dir"]
+    gpu = device.startswith("cuda")
     run_dir = os.path.join(out, "qlora")
     # the quickstart's data, shortened: seconds of training, a handful of validation and test questions
     n = 4 if gpu else 2  # validation and test questions: on a CPU (the tests) fewer, for time
-    train_args = ["config/quickstart.py", f"--init_from={a.init_from}", f"--out_dir={run_dir}", f"--device={a.device}",
+    train_args = ["config/quickstart.py", f"--init_from={init_from}", f"--out_dir={run_dir}", f"--device={device}",
                   "--quantize=nf4", f"--dtype={'bfloat16' if gpu else 'float32'}", "--batch_size=4",
                   "--max_seq_len=320", f"--val_limit={n}", f"--eval_generate={n}", f"--test_limit={n}",
                   f"--max_new_tokens={2 * n}", "--eval_interval=2", "--warmup_iters=1"]
@@ -49,7 +63,7 @@ def steps(a):
         ("cuda tests", [PY, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider"]
          + ([] if gpu else ["--collect-only"]),
          120, (" passed", " failed", " error", " skipped", " collected", "no tests ran")),
-        ("gpu_check", [PY, "bench/gpu_check.py", f"--shape={a.shape}", f"--device={a.device}"]
+        ("gpu_check", [PY, "bench/gpu_check.py", f"--shape={cfg['shape']}", f"--device={device}"]
          + ([] if gpu else ["--seq_len=64", "--new_tokens=4", "--steps=2"]),
          120, ("loaded", "training:", "speed:", "evaluation memory:", "decoding")),
         ("dequant 11008x4096", [PY, "bench/dequant.py", "--rows=11008", "--cols=4096"] + tiny, 25, ("dequant_",)),
@@ -59,10 +73,10 @@ def steps(a):
          ("step 2:", "peak memory:")),
         ("resume", [PY, "train.py", f"--out_dir={run_dir}", "--init_from=resume", "--max_iters=4"], 30,
          ("step 4:", "held-out test", "peak memory:")),
-        ("evaluate", [PY, "evaluate.py", f"--adapter={run_dir}", "--quantize=nf4", f"--device={a.device}",
+        ("evaluate", [PY, "evaluate.py", f"--adapter={run_dir}", "--quantize=nf4", f"--device={device}",
                       f"--limit={2 * n}", f"--max_new_tokens={2 * n}", f"--out={os.path.join(out, 'eval')}"],
          45, ("EM ",)),
-        ("torchrun", [PY, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={a.master_port}",
+        ("torchrun", [PY, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={cfg['master_port']}",
                       "train.py", *train_args, f"--out_dir={os.path.join(out, 'torchrun')}", "--max_iters=2",
                       "--eval_generate=0", "--test_data="], 30, ("step 2:", "peak memory:")),
     ]
@@ -87,38 +101,32 @@ def run_step(name, cmd, limit, keep, out_dir):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--shape", default="7b", help="bench/gpu_check.py's --shape: 7b on a GPU, tiny on a CPU")
-    p.add_argument("--init_from", default="checkpoints/SmolLM2-135M-Instruct", help="the model of the QLoRA run")
-    p.add_argument("--out_dir", default="out/gpu_all")
-    p.add_argument("--out", default="", help="the table's file (default: <out_dir>/table.txt)")
-    p.add_argument("--master_port", type=int, default=29531)
-    a = p.parse_args(argv)
-    os.makedirs(a.out_dir, exist_ok=True)
-    if a.device.startswith("cuda"):
+    cfg = configure(settings, argv)
+    out_dir = cfg["out_dir"]
+    os.makedirs(out_dir, exist_ok=True)
+    if cfg["device"].startswith("cuda"):
         import torch
         if not torch.cuda.is_available():
             sys.exit("error: no CUDA GPU visible; for the CPU steps: --device=cpu --shape=tiny")
         gpu = f"{torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}"
     else:
         gpu = "CPU only: the GPU numbers are not measured here"
-    if not os.path.isdir(os.path.join(ROOT, a.init_from)) and not os.path.isdir(a.init_from):
+    if not os.path.isdir(os.path.join(ROOT, cfg["init_from"])) and not os.path.isdir(cfg["init_from"]):
         subprocess.run([PY, "prepare.py"], cwd=ROOT, check=True)  # converts the bundled SmolLM2 once
     rows = []
-    for name, cmd, limit, keep in steps(a):
+    for name, cmd, limit, keep in steps(cfg):
         print(f"== {name} (at most {limit} s): {' '.join(cmd[1:])}", flush=True)
-        status, seconds, lines = run_step(name, cmd, limit, keep, a.out_dir)
+        status, seconds, lines = run_step(name, cmd, limit, keep, out_dir)
         print(f"   {status}, {seconds:.0f} s", flush=True)
         rows.append((name, status, seconds, lines))
     table = [f"bench/gpu_all.py on {gpu}", f"{'step':20s} {'status':22s} {'seconds':>7s}  result"]
     for name, status, seconds, lines in rows:
         table.append(f"{name:20s} {status:22s} {seconds:7.0f}  {lines[0] if lines else ''}")
         table += [f"{'':52s}{l}" for l in lines[1:]]
-    table.append(f"total {sum(r[2] for r in rows):.0f} s; logs in {a.out_dir}/")
+    table.append(f"total {sum(r[2] for r in rows):.0f} s; logs in {out_dir}/")
     text = "\n".join(table) + "\n"
     print("\n" + text)
-    path = a.out or os.path.join(a.out_dir, "table.txt")
+    path = cfg["out"] or os.path.join(out_dir, "table.txt")
     with open(path, "w") as f:
         f.write(text)
     print(f"table written to {path}")
