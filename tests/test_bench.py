@@ -1,4 +1,4 @@
-"""The bench/ scripts run end to end (--smoke) and print parseable summary lines. No timing is asserted: speed is
+"""The bench/ scripts run end to end (--smoke=True) and print parseable summary lines. No timing is asserted: speed is
 what the scripts measure, not what tests check. The model-based scripts run on a tiny random Llama checkpoint
 written by transformers, so each comparison takes seconds; the first-step losses and the greedy tokens of the two
 sides must still agree, which checks that the benchmarks compare like with like."""
@@ -57,53 +57,47 @@ def check_line(values, unit):
     assert ratio == pytest.approx(ours / ref, rel=0.02, abs=0.01)  # printed rounded
 
 
-def test_generate_smoke(tiny_checkpoint):
-    proc = run_bench("generate.py", "--smoke=True", f"--init_from={tiny_checkpoint}")
+def run_smoke(script, *args, units):
+    """Run a bench script at smoke size; it must succeed and print exactly these summary lines ({name: unit}),
+    each one consistent. Returns what it printed."""
+    proc = run_bench(script, "--smoke=True", *args)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "greedy tokens: identical" in proc.stdout  # same model, same greedy choices on both sides
     lines = summaries(proc.stdout)
-    assert set(lines) == {"generate_tokens_per_s"}
-    check_line(lines["generate_tokens_per_s"], "tok/s")
+    assert set(lines) == set(units)
+    for name, unit in units.items():
+        check_line(lines[name], unit)
+    return proc.stdout
 
 
-def test_generate_nf4_smoke(tiny_checkpoint):
-    proc = run_bench("generate.py", "--smoke=True", f"--init_from={tiny_checkpoint}", "--quantize=nf4")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "linear layers nf4" in proc.stdout and "greedy tokens: " in proc.stdout
-    lines = summaries(proc.stdout)
-    assert set(lines) == {"generate_nf4_tokens_per_s"}
-    check_line(lines["generate_nf4_tokens_per_s"], "tok/s")
+@pytest.mark.parametrize("quantize, name, greedy", [
+    ("none", "generate_tokens_per_s", "greedy tokens: identical"),  # same model, same greedy choices on both sides
+    ("nf4", "generate_nf4_tokens_per_s", "greedy tokens: "),  # the two quantize a little differently: may part
+])
+def test_generate_smoke(tiny_checkpoint, quantize, name, greedy):
+    out = run_smoke("generate.py", f"--init_from={tiny_checkpoint}", f"--quantize={quantize}", units={name: "tok/s"})
+    assert f"linear layers {quantize}" in out and greedy in out
 
 
 def test_reading_smoke(tiny_dir):
     """bench/reading.py: evaluate.py's reading with and without its levers; sharing the passage changes no answer."""
-    proc = run_bench("reading.py", "--smoke=True", f"--init_from={tiny_dir}")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    m = re.search(r"(\d+)/(\d+) answers identical, null_diff within ([0-9.e+-]+)", proc.stdout)
-    assert m and m.group(1) == m.group(2) == "6" and float(m.group(3)) < 1e-3, proc.stdout
-    lines = summaries(proc.stdout)
-    assert set(lines) == {"reading_seconds_per_question"}
-    check_line(lines["reading_seconds_per_question"], "s")
+    out = run_smoke("reading.py", f"--init_from={tiny_dir}", units={"reading_seconds_per_question": "s"})
+    m = re.search(r"(\d+)/(\d+) answers identical, null_diff within ([0-9.e+-]+)", out)
+    assert m and m.group(1) == m.group(2) == "6" and float(m.group(3)) < 1e-3, out
 
 
-def test_dequant_smoke():
-    proc = run_bench("dequant.py", "--smoke=True", "--device=cpu")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "outputs identical" in proc.stdout and "warning" not in proc.stdout  # torch twin == bitsandbytes, bitwise
-    lines = summaries(proc.stdout)
-    assert set(lines) == {"dequant_torch_vs_bnb", "dequant_torch_vs_copy"}
-    check_line(lines["dequant_torch_vs_bnb"], "GB/s out")
-    check_line(lines["dequant_torch_vs_copy"], "GB/s moved")
-
-
-def test_dequant_decode_smoke():
-    proc = run_bench("dequant.py", "--decode=True", "--smoke=True", "--device=cpu")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    diff = float(re.search(r"largest difference ([0-9.e+-]+) of max", proc.stdout).group(1))
-    assert diff < 1e-5  # fp32 on both sides: the fused path's twin and dequantize-then-matmul sum in other orders
-    lines = summaries(proc.stdout)
-    assert set(lines) == {"decode_twin_vs_dequant_matmul"}
-    check_line(lines["decode_twin_vs_dequant_matmul"], "tok/s")
+@pytest.mark.parametrize("decode, units", [
+    (False, {"dequant_torch_vs_bnb": "GB/s out", "dequant_torch_vs_copy": "GB/s moved"}),
+    (True, {"decode_twin_vs_dequant_matmul": "tok/s"}),
+])
+def test_dequant_smoke(decode, units):
+    """Both sides compute the same thing: the torch twin dequantizes to bitsandbytes' output bit for bit; the fused
+    path's twin and dequantize-then-matmul agree to fp32 rounding (they sum in other orders)."""
+    out = run_smoke("dequant.py", "--device=cpu", f"--decode={decode}", units=units)
+    assert "warning" not in out
+    if decode:
+        assert float(re.search(r"largest difference ([0-9.e+-]+) of max", out).group(1)) < 1e-5
+    else:
+        assert "outputs identical" in out
 
 
 def test_train_smoke(tiny_checkpoint):
@@ -134,6 +128,15 @@ def test_missing_checkpoint_says_what_to_do(tmp_path):
     proc = run_bench("generate.py", "--smoke=True", f"--init_from={tmp_path / 'nowhere'}")
     assert proc.returncode != 0
     assert "python prepare.py" in proc.stderr
+
+
+@pytest.mark.parametrize("script, flag, key", [("generate.py", "--prompt-tokens=8", "prompt_tokens"),
+                                               ("train.py", "--seq-len=64", "seq_len")])
+def test_a_misspelt_key_names_the_one_meant(script, flag, key):
+    """Every bench script reads --key=value through configurator.py: a key it does not have (here the old hyphenated
+    spelling) stops it at once, with the closest key in the error."""
+    proc = run_bench(script, flag)
+    assert proc.returncode != 0 and f"did you mean {key}" in proc.stderr, proc.stderr
 
 
 def test_gpu_check_runs_the_7b_recipe_at_tiny_size():
