@@ -172,7 +172,7 @@ def test_dequant_decode_sweep_smoke():
 
 def test_gpu_all_runs_its_cpu_steps(tiny_dir, tmp_path):
     """bench/gpu_all.py, the one command for a GPU owner, with every step it has run small on the CPU: the cuda
-    tests collected, gpu_check at tiny shapes, the benchmarks at --smoke size, a 4-bit run of a tiny model stopped,
+    tests collected, gpu_check at tiny shapes, the benchmarks at smoke size, a 4-bit run of a tiny model stopped,
     resumed and evaluated, and torchrun with one (gloo) process."""
     import socket
     with socket.socket() as s:
