@@ -199,8 +199,8 @@ def parse(argv):
     for key, choices in (("mode", ("lora", "qlora", "both")), ("loss", ("full", "answer")),
                          ("worker", ("", "ours", "reference"))):
         check_choice(key, cfg[key], choices)
-    if cfg["lora_targets"] == "all-linear":
-        cfg["lora_targets"] = ALL_LINEAR
+    if isinstance(cfg["lora_targets"], str):  # "all-linear", or one module name
+        cfg["lora_targets"] = ALL_LINEAR if cfg["lora_targets"] == "all-linear" else (cfg["lora_targets"],)
     if min(cfg["batch_size"], cfg["seq_len"], cfg["steps"], cfg["reps"], cfg["lora_r"]) < 1 or cfg["warmup"] < 0:
         sys.exit("error: batch_size, seq_len, steps, reps and lora_r must be at least 1, warmup at least 0")
     if cfg["loss"] == "answer" and not 1 <= cfg["answer_tokens"] < cfg["seq_len"]:
