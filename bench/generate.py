@@ -5,7 +5,7 @@ transformers' generate, on the same checkpoint, prompt and number of new tokens.
     python bench/generate.py                    # bundled SmolLM2, fp32 on CPU (bf16 on a GPU)
     python bench/generate.py --smoke=True       # a few tokens, to check that it runs
     python bench/generate.py --quantize=nf4     # 4-bit linear layers on both sides (the reference: bitsandbytes)
-    python bench/generate.py --init_from=DIR     # another checkpoint folder (Hugging Face layout)
+    python bench/generate.py --init_from=DIR    # another checkpoint folder (Hugging Face layout)
 
 The settings, each with what it means, are the block at the top of the code (and bench/common.py: SHARED_SETTINGS).
 
