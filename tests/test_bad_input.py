@@ -1,5 +1,5 @@
 """Bad input at the command line: each case ends in ONE line that says what is wrong and what to do, a non-zero
-exit code, and nothing written half-way. The commands run in-process (train.main, sample.main, lora.main)."""
+exit code, and nothing written half-way. The commands run in-process (train.main, sample.main, export.main)."""
 import json
 import os
 import shutil
@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+import export
 import lora
 import sample
 import train
@@ -90,7 +91,7 @@ def test_adapter_of_another_base(base, tiny_dir, tmp_path, capsys):
     assert error_line(sample.main, [f"--init_from={other}", f"--adapter={adapter}", "--max_new_tokens=1"],
                       capsys) == expected
     out = tmp_path / "merged"
-    assert error_line(lora.main, ["--base", other, "--adapter", adapter, "--out", str(out)], capsys) == expected
+    assert error_line(export.main, [f"--init_from={other}", f"--adapter={adapter}", f"--out={out}"], capsys) == expected
     assert not [f for f in os.listdir(tmp_path) if f.startswith("merged")]  # no half-written folder either
 
 
@@ -100,7 +101,7 @@ def test_adapter_folder_without_weights(base, tmp_path, capsys):
     expected = (f"error: {adapter}/adapter_model.safetensors not found (nor adapter_model.bin): this folder has an "
                 f"adapter_config.json but no adapter weights; copy adapter_model.safetensors next to it")
     assert error_line(sample.main, [f"--adapter={adapter}", "--max_new_tokens=1"], capsys) == expected
-    assert error_line(lora.main, ["--adapter", adapter, "--out", str(tmp_path / "merged")], capsys) == expected
+    assert error_line(export.main, [f"--adapter={adapter}", f"--out={tmp_path / 'merged'}"], capsys) == expected
     assert not [f for f in os.listdir(tmp_path) if f.startswith("merged")]
 
 
@@ -110,9 +111,9 @@ def test_adapter_whose_base_is_missing(base, tmp_path, capsys):
     assert error_line(sample.main, [f"--adapter={adapter}", "--max_new_tokens=1"], capsys) == (
         f"error: the adapter's base model '{base}' (base_model_name_or_path in {adapter}/adapter_config.json) "
         f"is not a folder here; pass --init_from=<the base checkpoint folder>")
-    assert error_line(lora.main, ["--adapter", adapter, "--out", str(tmp_path / "merged")], capsys) == (
-        f"error: base model folder '{base}' (base_model_name_or_path in {adapter}/adapter_config.json) not found; "
-        f"pass --base=<the folder it was trained on>")
+    assert error_line(export.main, [f"--adapter={adapter}", f"--out={tmp_path / 'merged'}"], capsys) == (
+        f"error: the adapter's base model '{base}' (base_model_name_or_path in {adapter}/adapter_config.json) "
+        f"is not a folder here; pass --init_from=<the base checkpoint folder>")
     assert not [f for f in os.listdir(tmp_path) if f.startswith("merged")]
 
 
@@ -120,8 +121,8 @@ def test_merge_refuses_a_folder_that_is_not_empty(base, tmp_path, capsys):
     adapter = make_adapter(base, tmp_path / "adapter")
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "notes.txt").write_text("mine")
-    assert error_line(lora.main, ["--adapter", adapter, "--out", str(tmp_path / "merged")], capsys) == (
-        f"error: {tmp_path / 'merged'} exists and is not empty; pass a new --out folder")
+    assert error_line(export.main, [f"--adapter={adapter}", f"--out={tmp_path / 'merged'}"], capsys) == (
+        f"error: {tmp_path / 'merged'} exists and is not an empty folder; pass a new --out folder")
     assert os.listdir(tmp_path / "merged") == ["notes.txt"]
 
 
