@@ -9,6 +9,7 @@ import torch
 
 import export
 import lora
+import prepare
 import sample
 import train
 from model import Llama, ModelArgs
@@ -171,6 +172,17 @@ def test_config_file_with_a_syntax_error(base, tmp_path, capsys):
     cfg.write_text("batch_size = 4\nlearning_rate = 1e-3)\n")
     assert error_line(train.main, [str(cfg)], capsys) == (
         f"error: config file '{cfg}' line 2: unmatched ')' (a config file is Python: key = value, one per line)")
+
+
+def test_every_command_takes_key_value_and_names_a_typo(base, tmp_path, capsys):
+    """One convention for all commands (configurator.py): --key=value, and a misspelt key names the right one."""
+    for main in (train.main, sample.main, export.main):
+        assert error_line(main, ["--init_fro=x"], capsys).startswith(
+            "error: unknown config key 'init_fro' in the command line; did you mean init_from")
+    assert error_line(prepare.main, ["--hub=meta-llama/Llama-2-7b-chat-hf"], capsys) == (
+        "error: unknown config key 'hub' in the command line; did you mean hub_id?")
+    assert error_line(prepare.main, ["--data=squad"], capsys) == (
+        "error: data must be 'persian_qa' (the one data set prepare.py downloads), got 'squad'")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
