@@ -22,6 +22,11 @@ import tempfile
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import Llama, ModelArgs, rope_cache
+from quant import Linear4bit
 
 HF_ARCHITECTURES = ("LlamaForCausalLM",)
 
@@ -89,7 +94,6 @@ def half_to_interleaved(w, n_heads):
 # Configs: config.json (HF) or params.json (Meta) -> ModelArgs
 
 def args_from_hf_config(cfg, max_seq_len=None):
-    from model import ModelArgs
     archs = cfg.get("architectures") or []
     if cfg.get("model_type") != "llama" or (archs and not set(archs) & set(HF_ARCHITECTURES)):
         raise ValueError(f"unsupported architecture {archs or cfg.get('model_type')!r} in config.json: "
@@ -119,7 +123,6 @@ def meta_hidden_dim(dim, multiple_of, ffn_dim_multiplier=None):
 
 
 def args_from_meta_params(p, vocab_size, tie, max_seq_len=None):
-    from model import ModelArgs
     scaling = None
     if p.get("use_scaled_rope"):  # Llama 3.1+: the published llama3 frequency scaling
         scaling = {"rope_type": "llama3", "factor": p.get("rope_scaling_factor", 8.0), "low_freq_factor": 1.0,
@@ -135,7 +138,6 @@ def args_from_meta_params(p, vocab_size, tie, max_seq_len=None):
 # Readers: each yields (our key, tensor) one at a time.
 
 def _open_safetensors(path):
-    from safetensors import safe_open
     try:
         return safe_open(path, framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own error type; the header check catches truncated files
@@ -228,7 +230,7 @@ def expected_shape(key, args):
 
 # ----------------------------------------------------------------------------------------------------------------
 
-def load_checkpoint(cls, path, dtype=torch.float32, device="cpu", max_seq_len=None, quantize=None):
+def load_checkpoint(path, dtype=torch.float32, device="cpu", max_seq_len=None, quantize=None):
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be 'nf4' (4-bit NF4, QLoRA) or None / 'none', got {quantize!r}")
     if not os.path.isdir(path):
@@ -257,13 +259,13 @@ def load_checkpoint(cls, path, dtype=torch.float32, device="cpu", max_seq_len=No
         tensors = read_meta(files, args)
     else:
         raise FileNotFoundError(f"{path}: neither config.json (Hugging Face layout) nor params.json (Meta layout)")
-    return load_state_one_by_one(cls, args, tensors, dtype, device, quantize, where=path)
+    return load_state_one_by_one(args, tensors, dtype, device, quantize, where=path)
 
 
-def load_state_one_by_one(cls, args, tensors, dtype, device, quantize=None, where=""):
+def load_state_one_by_one(args, tensors, dtype, device, quantize=None, where=""):
     """Build the model without memory, then give each parameter its tensor as it is read."""
     with torch.device("meta"):
-        model = cls(args)
+        model = Llama(args)
     wanted = {k for k in model.state_dict() if not (args.tie_embeddings and k == "lm_head.weight")}
     unexpected, loaded, packed = [], set(), {}
     for key, t in tensors:
@@ -284,7 +286,6 @@ def load_state_one_by_one(cls, args, tensors, dtype, device, quantize=None, wher
         set_tensor(model, key, t.to(device=device, dtype=dtype), quantize)
         loaded.add(key)
     for modname, parts in packed.items():
-        from quant import Linear4bit
         key, shape = modname + ".weight", expected_shape(modname + ".weight", args)
         if key not in wanted:
             unexpected.append(key)
@@ -303,7 +304,7 @@ def load_state_one_by_one(cls, args, tensors, dtype, device, quantize=None, wher
                          + ("; " if missing and unexpected else "")
                          + (f"unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
                             if unexpected else ""))
-    return finish_loading(model, dtype, device)
+    return finish_loading(model, device)
 
 
 def set_tensor(model, key, t, quantize=None):
@@ -311,7 +312,6 @@ def set_tensor(model, key, t, quantize=None):
     modname, pname = key.rsplit(".", 1)
     module = model.get_submodule(modname)
     if quantize and isinstance(module, nn.Linear) and modname.rsplit(".", 1)[-1] != "lm_head":
-        from quant import Linear4bit
         parent, child = modname.rsplit(".", 1)
         setattr(model.get_submodule(parent), child, Linear4bit.from_weight(t, compute_dtype=t.dtype))
         return
@@ -322,8 +322,8 @@ def set_tensor(model, key, t, quantize=None):
     setattr(module, pname, nn.Parameter(t, requires_grad=t.is_floating_point()))
 
 
-def finish_loading(model, dtype, device):
-    from model import rope_cache
+def finish_loading(model, device):
+    """What loading tensors one by one leaves undone: the tied head, and the rotary tables (not in a checkpoint)."""
     if model.args.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     cos, sin = rope_cache(model.args, device=device)  # buffers were built on "meta": compute the real ones now
@@ -367,8 +367,6 @@ def save_hf(model, out_dir, extra_config=None):
     A Hugging Face-layout folder: config.json + model.safetensors. A model with 4-bit layers is written in
     bitsandbytes' serialization with the quantization_config that tells transformers how to read it.
     """
-    from safetensors.torch import save_file
-    from quant import Linear4bit
     os.makedirs(out_dir, exist_ok=True)
     sd = model.state_dict()
     if model.args.tie_embeddings:
@@ -391,7 +389,8 @@ def save_hf(model, out_dir, extra_config=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# GGUF (llama.cpp) -> Hugging Face layout: the bundled SmolLM2 ships this way.
+# GGUF (llama.cpp) -> Hugging Face layout: the bundled SmolLM2 ships this way. The gguf and tokenizers packages
+# are imported inside these functions: only a conversion needs them, not every program that loads a model.
 
 def _gguf_value(reader, key, default=None):
     field = reader.fields.get(key)
@@ -399,7 +398,6 @@ def _gguf_value(reader, key, default=None):
 
 
 def args_from_gguf(reader, max_seq_len=None):
-    from model import ModelArgs
     arch = _gguf_value(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"unsupported GGUF architecture {arch!r}: this project implements LLaMA models")
@@ -451,10 +449,9 @@ def gguf_tokenizer(reader):
 def convert_gguf(gguf_path, out_dir):
     """Write a Hugging Face-layout folder (fp32 safetensors, config, tokenizer, chat template) from a GGUF file."""
     from gguf import GGUFReader
-    from model import Llama
     reader = GGUFReader(gguf_path)
     args = args_from_gguf(reader)
-    model = load_state_one_by_one(Llama, args, read_gguf(reader, args), torch.float32, "cpu", where=gguf_path)
+    model = load_state_one_by_one(args, read_gguf(reader, args), torch.float32, "cpu", where=gguf_path)
     tk, tokens = gguf_tokenizer(reader)
     ids = {k: _gguf_value(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
     tok_cfg = {"bos_token": tokens[ids["bos"]] if ids["bos"] is not None else None,

@@ -34,6 +34,7 @@ import gguf  # noqa: E402
 
 from configurator import configure  # noqa: E402
 from convert import GGUF_KEYS, atomic_write, half_to_interleaved  # noqa: E402
+from model import rope_frequencies  # noqa: E402
 
 G = gguf.GGMLQuantizationType
 TYPES = {  # --type -> (the matrices' GGML type, the file_type llama.cpp reports)
@@ -76,7 +77,6 @@ def gguf_tensors(model):
     if args.rope_scaling and args.rope_scaling.get("rope_type", args.rope_scaling.get("type")) == "llama3":
         # llama.cpp reads Llama 3.1's frequency scaling as one divisor per frequency (rope_freqs.weight),
         # the same numbers model.py's rope_frequencies applies: plain frequency / scaled frequency.
-        from model import rope_frequencies
         plain = rope_frequencies(args.head_dim, args.rope_theta)                          # (head_dim/2,)
         yield "rope_freqs.weight", plain / rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
 
