@@ -27,7 +27,7 @@ Two units:
 
 --decode times what one decoding step does with a 4-bit model: every linear layer of a stack of Llama-7B-shaped
 layers (q, k, v, o: dim x dim; gate, up: hidden x dim; down: dim x hidden) multiplies one token per sequence.
-  CUDA: quant.matvec_nf4 (the fused Triton kernel: W never written in 16 bits) vs dequantize_nf4 + F.linear;
+  CUDA: kernels.matvec_nf4 (the fused Triton kernel: W never written in 16 bits) vs dequantize_nf4 + F.linear;
   CPU:  the fused kernel's torch twin vs dequantize_nf4 + F.linear (at --smoke size in the tests).
 It prints ms per token for the whole stack and the GB/s each side must move at least (4-bit weights; plus W in
 16 bits written and read back by dequantize-then-matmul), and ends in one "decode_*" summary line in tokens/s
@@ -139,8 +139,8 @@ def main(argv=None):
 
 def decode(a):
     """Fused 4-bit matrix-vector products vs dequantize-then-matmul over a stack of layers (see the docstring)."""
-    from kernels import MATVEC_MAX_ROWS
-    from quant import dequantize_nf4, matvec_nf4, quantize_nf4
+    from kernels import MATVEC_MAX_ROWS, matvec_nf4
+    from quant import dequantize_nf4, quantize_nf4
     if min(a.dim, a.hidden, a.layers, a.reps) < 1 or not 1 <= a.batch <= MATVEC_MAX_ROWS:
         sys.exit(f"error: --dim, --hidden, --layers, --reps must be at least 1, --batch 1..{MATVEC_MAX_ROWS}")
     set_threads(a.threads)
@@ -191,8 +191,8 @@ def decode_sweep(a):
     """One 4-bit layer of each Llama-7B shape, x of 1, 2, 4, 8 rows: the fused product against dequantize-then-matmul,
     and the largest row count at which the fused one is faster on every shape (what quant.py: _use_fused should
     use; kernels.MATVEC_MAX_ROWS is an estimate until this runs on a GPU)."""
-    from kernels import MATVEC_MAX_ROWS
-    from quant import dequantize_nf4, matvec_nf4, quantize_nf4
+    from kernels import MATVEC_MAX_ROWS, matvec_nf4
+    from quant import dequantize_nf4, quantize_nf4
     set_threads(a.threads)
     device = pick_device(a.device)
     dtype = getattr(torch, a.dtype) if a.dtype != "auto" else (torch.bfloat16 if device == "cuda" else torch.float32)
