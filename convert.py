@@ -90,6 +90,17 @@ def half_to_interleaved(w, n_heads):
     return w.view(n_heads, 2, head_dim // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
+def permute_qk(key, w, args, permutation):
+    """Reorder the rows of a q or k projection weight with `permutation` (interleaved_to_half when reading Meta or
+    GGUF files, half_to_interleaved when writing GGUF), per head: q has n_heads, k n_kv_heads. Any other tensor
+    comes back as it is."""
+    if key.endswith("q_proj.weight"):
+        return permutation(w, args.n_heads)                           # (n_heads * head_dim, dim)
+    if key.endswith("k_proj.weight"):
+        return permutation(w, args.n_kv_heads)                        # (n_kv_heads * head_dim, dim)
+    return w
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Configs: config.json (HF) or params.json (Meta) -> ModelArgs
 
@@ -207,11 +218,7 @@ def read_meta(files, args):
             full = expected_shape(ours, args)
             dim = next(d for d in range(t.dim()) if t.shape[d] * len(parts) == full[d])
             t = torch.cat(parts, dim=dim)
-        if ours.endswith("q_proj.weight"):
-            t = interleaved_to_half(t, args.n_heads)
-        elif ours.endswith("k_proj.weight"):
-            t = interleaved_to_half(t, args.n_kv_heads)
-        yield ours, t
+        yield ours, permute_qk(ours, t, args, interleaved_to_half)
 
 
 def expected_shape(key, args):
@@ -416,13 +423,9 @@ def read_gguf(reader, args):
     """Dequantize each tensor to fp32 (the gguf package knows every block format) and undo the q/k permutation."""
     from gguf.quants import dequantize
     for t in reader.tensors:
-        key = rename(t.name, GGUF_KEYS)
+        key = rename(t.name, GGUF_KEYS) or t.name  # a name not in the table: load_state_one_by_one reports it
         w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())  # numpy shape = PyTorch's (out, in)
-        if key is not None and key.endswith("q_proj.weight"):
-            w = interleaved_to_half(w, args.n_heads)
-        elif key is not None and key.endswith("k_proj.weight"):
-            w = interleaved_to_half(w, args.n_kv_heads)
-        yield key or t.name, w
+        yield key, permute_qk(key, w, args, interleaved_to_half)
 
 
 def gguf_tokenizer(reader):

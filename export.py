@@ -33,7 +33,7 @@ settings = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 import gguf  # noqa: E402
 
 from configurator import configure  # noqa: E402
-from convert import GGUF_KEYS, atomic_write, half_to_interleaved  # noqa: E402
+from convert import GGUF_KEYS, atomic_write, half_to_interleaved, permute_qk  # noqa: E402
 from model import rope_frequencies  # noqa: E402
 
 G = gguf.GGMLQuantizationType
@@ -69,11 +69,7 @@ def gguf_tensors(model):
         w = w.detach().float().cpu()
         # llama.cpp's RoPE rotates interleaved pairs (x0, x1), (x2, x3), ... as Meta's code did; Hugging Face
         # checkpoints (and we) rotate halves. Permuting q/k rows back makes llama.cpp compute the same thing.
-        if key.endswith("q_proj.weight"):
-            w = half_to_interleaved(w, args.n_heads)                  # (n_heads*head_dim, dim)
-        elif key.endswith("k_proj.weight"):
-            w = half_to_interleaved(w, args.n_kv_heads)               # (n_kv_heads*head_dim, dim)
-        yield gguf_name(key), w
+        yield gguf_name(key), permute_qk(key, w, args, half_to_interleaved)
     if args.rope_scaling and args.rope_scaling.get("rope_type", args.rope_scaling.get("type")) == "llama3":
         # llama.cpp reads Llama 3.1's frequency scaling as one divisor per frequency (rope_freqs.weight),
         # the same numbers model.py's rope_frequencies applies: plain frequency / scaled frequency.
