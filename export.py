@@ -44,7 +44,7 @@ TYPES = {  # --type -> (the matrices' GGML type, the file_type llama.cpp reports
     "q8_0": (G.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
     "q4_0": (G.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
-OUR_KEYS = {ours: theirs for theirs, ours in GGUF_KEYS.items()}  # our (HF) name -> llama.cpp's, {i}-patterns
+HF_TO_GGUF = {ours: theirs for theirs, ours in GGUF_KEYS.items()}  # our (HF) name -> llama.cpp's, {i}-patterns
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -55,8 +55,8 @@ def gguf_name(key):
     parts = key.split(".")
     if len(parts) > 3 and parts[1] == "layers":
         pattern = ".".join(parts[:2] + ["{i}"] + parts[3:])
-        return OUR_KEYS[pattern].format(i=parts[2])
-    return OUR_KEYS[key]
+        return HF_TO_GGUF[pattern].format(i=parts[2])
+    return HF_TO_GGUF[key]
 
 
 def gguf_tensors(model):
