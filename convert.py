@@ -369,6 +369,15 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def write_json(path, obj, end="\n", **json_kwargs):
+    """obj as JSON text in UTF-8, through atomic_write; json_kwargs go to json.dumps (indent, sort_keys, ...).
+    `end` follows the text: a newline, except in tokenizer_config.json, which has always been written without."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, **json_kwargs) + end)
+    atomic_write(path, write)
+
+
 def save_hf(model, out_dir, extra_config=None):
     """
     A Hugging Face-layout folder: config.json + model.safetensors. A model with 4-bit layers is written in
@@ -391,8 +400,7 @@ def save_hf(model, out_dir, extra_config=None):
     atomic_write(os.path.join(out_dir, "model.safetensors"),
                  lambda p: save_file(sd, p, metadata={"format": "pt"}))
     cfg = hf_config(model.args, dtype, extra)
-    atomic_write(os.path.join(out_dir, "config.json"),
-                 lambda p: open(p, "w").write(json.dumps(cfg, indent=2) + "\n"))
+    write_json(os.path.join(out_dir, "config.json"), cfg, indent=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -465,8 +473,7 @@ def convert_gguf(gguf_path, out_dir):
                "model_max_length": args.max_seq_len}
     os.makedirs(out_dir, exist_ok=True)
     atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda p: tk.save(p))
-    atomic_write(os.path.join(out_dir, "tokenizer_config.json"),
-                 lambda p: open(p, "w", encoding="utf-8").write(json.dumps(tok_cfg, indent=2, ensure_ascii=False)))
+    write_json(os.path.join(out_dir, "tokenizer_config.json"), tok_cfg, end="", indent=2, ensure_ascii=False)
     # config.json last: its presence marks a finished conversion (prepare.py skips a folder that has it).
     save_hf(model, out_dir, {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"]})
     return out_dir

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from convert import atomic_write
+from convert import atomic_write, write_json
 from quant import Linear4bit
 
 LINEAR = (nn.Linear, Linear4bit)  # the layers LoRA can sit on
@@ -321,8 +321,7 @@ def save_adapter(model, out_dir, base_model_name_or_path=None):
     config["base_model_name_or_path"] = base_model_name_or_path or config["base_model_name_or_path"]
     atomic_write(os.path.join(out_dir, "adapter_model.safetensors"),
                  lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    atomic_write(os.path.join(out_dir, "adapter_config.json"),
-                 lambda p: open(p, "w").write(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    write_json(os.path.join(out_dir, "adapter_config.json"), config, indent=2, sort_keys=True)
 
 
 # PEFT options that change what an adapter computes, and the only values of them this file implements (unset,
