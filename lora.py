@@ -124,7 +124,7 @@ class LoRALinear(nn.Module):
         """scaling * B A, the (out, in) update: built only for merging, in the dtype of A and B."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, r) @ (r, in) -> (out, in)
 
-    def plus_delta(self, w):
+    def merged_weight(self, w):
         """w + scaling * B A, summed in fp32 and rounded once to w's dtype."""
         return (w.float() + self.delta_weight().float()).to(w.dtype)
 
@@ -138,7 +138,7 @@ class LoRALinear(nn.Module):
             return
         w = self.base.weight                                          # (out, in)
         self.weight_before_merge = w.detach().clone()
-        w.copy_(self.plus_delta(w))
+        w.copy_(self.merged_weight(w))
         self.merged = True
 
     @torch.no_grad()
@@ -280,7 +280,7 @@ def merge_lora(model):
     for name, layer in lora_layers(model):
         if isinstance(layer.base, Linear4bit):
             w = layer.base.dequantize(layer.base.compute_dtype)                      # (out, in)
-            dense = _dense_linear(layer.plus_delta(w), layer.base.bias)
+            dense = _dense_linear(layer.merged_weight(w), layer.base.bias)
         else:
             layer.merge()
             layer.weight_before_merge = None  # no unmerge after export: free the copy now
@@ -456,7 +456,7 @@ def main(argv=None):
         dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
     dtype = "float32" if dtype == "auto" else dtype
     try:
-        # Load in the dtype we write: each merged weight is still summed in fp32 and rounded once (plus_delta), so
+        # Load in the dtype we write: each merged weight is still summed in fp32 and rounded once (merged_weight), so
         # a 16-bit base merges to the same bytes as in fp32, in half the memory (13.5 GB for 7B instead of 27).
         model = Llama.from_pretrained(base, dtype=getattr(torch, dtype))
         load_adapter(model, a.adapter)
