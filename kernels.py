@@ -248,11 +248,12 @@ def matvec_torch(x, packed, state, bias=None):
     rows = max(1, CHUNK // K)                                              # rows of W rebuilt at a time
     for r0 in range(0, N, rows):
         r1 = min(r0 + rows, N)
-        # Rows r0..r1 are values a..b of the flat weight. a can be odd (K odd: the row starts in a byte's low
-        # nibble) and need not start a block (K not a multiple of bs: blocks span rows), hence the offsets.
-        a, b = r0 * K, r1 * K
-        w = pairs.index_select(0, flat[a // 2:(b + 1) // 2].long()).view(torch.float32)[a % 2:a % 2 + b - a]
-        scale = absmax[a // bs:(b - 1) // bs + 1].repeat_interleave(bs)[a % bs:a % bs + b - a]  # (L,)
+        # Rows r0..r1 are values start..stop of the flat weight. start can be odd (K odd: the row starts in a byte's
+        # low nibble) and need not start a block (K not a multiple of bs: blocks span rows), hence the offsets.
+        start, stop = r0 * K, r1 * K
+        n = stop - start                                                   # values in these rows
+        w = pairs.index_select(0, flat[start // 2:(stop + 1) // 2].long()).view(torch.float32)[start % 2:start % 2 + n]
+        scale = absmax[start // bs:(stop - 1) // bs + 1].repeat_interleave(bs)[start % bs:start % bs + n]  # (n,)
         w = (w * scale).to(x.dtype).float().view(r1 - r0, K)               # (rows, K) as dequantize_nf4 rounds it
         y[:, r0:r1] = xf @ w.T                                             # (M, K) @ (K, rows) in fp32
     if bias is not None:

@@ -434,22 +434,22 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="folder to write the merged model to")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="dtype of the written weights; auto = the base's config.json dtype (else float32)")
-    a = p.parse_args(argv)
+    opts = p.parse_args(argv)
     try:
-        named = read_adapter_config(a.adapter).get("base_model_name_or_path")
+        named = read_adapter_config(opts.adapter).get("base_model_name_or_path")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    base = a.base or named
+    base = opts.base or named
     if not base:
         p.error("the adapter does not name its base model: pass --base")
     if not os.path.isdir(base):
-        where = "--base" if a.base else f"base_model_name_or_path in {a.adapter}/adapter_config.json"
+        where = "--base" if opts.base else f"base_model_name_or_path in {opts.adapter}/adapter_config.json"
         sys.exit(f"error: base model folder {base!r} ({where}) not found; pass --base=<the folder it was trained on>")
-    if os.path.realpath(a.out) == os.path.realpath(base):
+    if os.path.realpath(opts.out) == os.path.realpath(base):
         p.error("--out must be a new folder, not the base checkpoint")
-    if os.path.exists(a.out) and os.listdir(a.out):
-        sys.exit(f"error: {a.out} exists and is not empty; pass a new --out folder")
-    dtype, cfg_path = a.dtype, os.path.join(base, "config.json")
+    if os.path.exists(opts.out) and os.listdir(opts.out):
+        sys.exit(f"error: {opts.out} exists and is not empty; pass a new --out folder")
+    dtype, cfg_path = opts.dtype, os.path.join(base, "config.json")
     if dtype == "auto" and os.path.exists(cfg_path):
         with open(cfg_path) as f:
             cfg = json.load(f)
@@ -459,24 +459,25 @@ def main(argv=None):
         # Load in the dtype we write: each merged weight is still summed in fp32 and rounded once (merged_weight), so
         # a 16-bit base merges to the same bytes as in fp32, in half the memory (13.5 GB for 7B instead of 27).
         model = Llama.from_pretrained(base, dtype=getattr(torch, dtype))
-        load_adapter(model, a.adapter)
+        load_adapter(model, opts.adapter)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     merge_lora(model).to(getattr(torch, dtype))
     # Write into a temporary folder beside --out and rename it when complete: a crash leaves no half model.
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(a.out)), prefix=os.path.basename(a.out) + ".tmp-")
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(opts.out)), prefix=os.path.basename(opts.out) + ".tmp-")
     try:
         model.save_pretrained(tmp)
         copied = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(base, f))]
         for f in copied:
             shutil.copyfile(os.path.join(base, f), os.path.join(tmp, f))
         os.chmod(tmp, 0o755)  # mkdtemp makes a private folder; a model folder is an ordinary one
-        if os.path.isdir(a.out):
-            os.rmdir(a.out)  # empty (checked above)
-        os.replace(tmp, a.out)
+        if os.path.isdir(opts.out):
+            os.rmdir(opts.out)  # empty (checked above)
+        os.replace(tmp, opts.out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"merged {a.adapter} into {base} -> {a.out} ({dtype}; copied {', '.join(copied) or 'no tokenizer files'})")
+    print(f"merged {opts.adapter} into {base} -> {opts.out} "
+          f"({dtype}; copied {', '.join(copied) or 'no tokenizer files'})")
 
 
 if __name__ == "__main__":
