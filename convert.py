@@ -22,6 +22,11 @@ import tempfile
 
 import torch
 import torch.nn as nn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import Llama, ModelArgs, rope_cache
+from quant import Linear4bit
 
 HF_ARCHITECTURES = ("LlamaForCausalLM",)
 
@@ -89,11 +94,21 @@ def half_to_interleaved(w, n_heads):
     return w.view(n_heads, 2, head_dim // 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
 
 
+def permute_qk(key, w, args, permutation):
+    """Reorder the rows of a q or k projection weight with `permutation` (interleaved_to_half when reading Meta or
+    GGUF files, half_to_interleaved when writing GGUF), per head: q has n_heads, k n_kv_heads. Any other tensor
+    comes back as it is."""
+    if key.endswith("q_proj.weight"):
+        return permutation(w, args.n_heads)                           # (n_heads * head_dim, dim)
+    if key.endswith("k_proj.weight"):
+        return permutation(w, args.n_kv_heads)                        # (n_kv_heads * head_dim, dim)
+    return w
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Configs: config.json (HF) or params.json (Meta) -> ModelArgs
 
 def args_from_hf_config(cfg, max_seq_len=None):
-    from model import ModelArgs
     archs = cfg.get("architectures") or []
     if cfg.get("model_type") != "llama" or (archs and not set(archs) & set(HF_ARCHITECTURES)):
         raise ValueError(f"unsupported architecture {archs or cfg.get('model_type')!r} in config.json: "
@@ -123,7 +138,6 @@ def meta_hidden_dim(dim, multiple_of, ffn_dim_multiplier=None):
 
 
 def args_from_meta_params(p, vocab_size, tie, max_seq_len=None):
-    from model import ModelArgs
     scaling = None
     if p.get("use_scaled_rope"):  # Llama 3.1+: the published llama3 frequency scaling
         scaling = {"rope_type": "llama3", "factor": p.get("rope_scaling_factor", 8.0), "low_freq_factor": 1.0,
@@ -139,7 +153,6 @@ def args_from_meta_params(p, vocab_size, tie, max_seq_len=None):
 # Readers: each yields (our key, tensor) one at a time.
 
 def _open_safetensors(path):
-    from safetensors import safe_open
     try:
         return safe_open(path, framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own error type; the header check catches truncated files
@@ -209,11 +222,7 @@ def read_meta(files, args):
             full = expected_shape(ours, args)
             dim = next(d for d in range(t.dim()) if t.shape[d] * len(parts) == full[d])
             t = torch.cat(parts, dim=dim)
-        if ours.endswith("q_proj.weight"):
-            t = interleaved_to_half(t, args.n_heads)
-        elif ours.endswith("k_proj.weight"):
-            t = interleaved_to_half(t, args.n_kv_heads)
-        yield ours, t
+        yield ours, permute_qk(ours, t, args, interleaved_to_half)
 
 
 def expected_shape(key, args):
@@ -232,7 +241,7 @@ def expected_shape(key, args):
 
 # ----------------------------------------------------------------------------------------------------------------
 
-def load_checkpoint(cls, path, dtype=torch.float32, device="cpu", max_seq_len=None, quantize=None):
+def load_checkpoint(path, dtype=torch.float32, device="cpu", max_seq_len=None, quantize=None):
     if quantize not in (None, "nf4"):
         raise ValueError(f"quantize must be 'nf4' (4-bit NF4, QLoRA) or None / 'none', got {quantize!r}")
     if not os.path.isdir(path):
@@ -261,13 +270,13 @@ def load_checkpoint(cls, path, dtype=torch.float32, device="cpu", max_seq_len=No
         tensors = read_meta(files, args)
     else:
         raise FileNotFoundError(f"{path}: neither config.json (Hugging Face layout) nor params.json (Meta layout)")
-    return load_state_one_by_one(cls, args, tensors, dtype, device, quantize, where=path)
+    return load_state_one_by_one(args, tensors, dtype, device, quantize, where=path)
 
 
-def load_state_one_by_one(cls, args, tensors, dtype, device, quantize=None, where=""):
+def load_state_one_by_one(args, tensors, dtype, device, quantize=None, where=""):
     """Build the model without memory, then give each parameter its tensor as it is read."""
     with torch.device("meta"):
-        model = cls(args)
+        model = Llama(args)
     wanted = {k for k in model.state_dict() if not (args.tie_embeddings and k == "lm_head.weight")}
     unexpected, loaded, packed = [], set(), {}
     for key, t in tensors:
@@ -288,7 +297,6 @@ def load_state_one_by_one(cls, args, tensors, dtype, device, quantize=None, wher
         set_tensor(model, key, t.to(device=device, dtype=dtype), quantize)
         loaded.add(key)
     for modname, parts in packed.items():
-        from quant import Linear4bit
         key, shape = modname + ".weight", expected_shape(modname + ".weight", args)
         if key not in wanted:
             unexpected.append(key)
@@ -307,7 +315,7 @@ def load_state_one_by_one(cls, args, tensors, dtype, device, quantize=None, wher
                          + ("; " if missing and unexpected else "")
                          + (f"unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
                             if unexpected else ""))
-    return finish_loading(model, dtype, device)
+    return finish_loading(model, device)
 
 
 def set_tensor(model, key, t, quantize=None):
@@ -315,7 +323,6 @@ def set_tensor(model, key, t, quantize=None):
     modname, pname = key.rsplit(".", 1)
     module = model.get_submodule(modname)
     if quantize and isinstance(module, nn.Linear) and modname.rsplit(".", 1)[-1] != "lm_head":
-        from quant import Linear4bit
         parent, child = modname.rsplit(".", 1)
         setattr(model.get_submodule(parent), child, Linear4bit.from_weight(t, compute_dtype=t.dtype))
         return
@@ -326,8 +333,8 @@ def set_tensor(model, key, t, quantize=None):
     setattr(module, pname, nn.Parameter(t, requires_grad=t.is_floating_point()))
 
 
-def finish_loading(model, dtype, device):
-    from model import rope_cache
+def finish_loading(model, device):
+    """What loading tensors one by one leaves undone: the tied head, and the rotary tables (not in a checkpoint)."""
     if model.args.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     cos, sin = rope_cache(model.args, device=device)  # buffers were built on "meta": compute the real ones now
@@ -366,13 +373,20 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
+def write_json(path, obj, end="\n", **json_kwargs):
+    """obj as JSON text in UTF-8, through atomic_write; json_kwargs go to json.dumps (indent, sort_keys, ...).
+    `end` follows the text: a newline, except in tokenizer_config.json, which has always been written without."""
+    def write(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, **json_kwargs) + end)
+    atomic_write(path, write)
+
+
 def save_hf(model, out_dir, extra_config=None):
     """
     A Hugging Face-layout folder: config.json + model.safetensors. A model with 4-bit layers is written in
     bitsandbytes' serialization with the quantization_config that tells transformers how to read it.
     """
-    from safetensors.torch import save_file
-    from quant import Linear4bit
     os.makedirs(out_dir, exist_ok=True)
     sd = model.state_dict()
     if model.args.tie_embeddings:
@@ -390,12 +404,12 @@ def save_hf(model, out_dir, extra_config=None):
     atomic_write(os.path.join(out_dir, "model.safetensors"),
                  lambda p: save_file(sd, p, metadata={"format": "pt"}))
     cfg = hf_config(model.args, dtype, extra)
-    atomic_write(os.path.join(out_dir, "config.json"),
-                 lambda p: open(p, "w").write(json.dumps(cfg, indent=2) + "\n"))
+    write_json(os.path.join(out_dir, "config.json"), cfg, indent=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# GGUF (llama.cpp) -> Hugging Face layout: the bundled SmolLM2 ships this way.
+# GGUF (llama.cpp) -> Hugging Face layout: the bundled SmolLM2 ships this way. The gguf and tokenizers packages
+# are imported inside these functions: only a conversion needs them, not every program that loads a model.
 
 def _gguf_value(reader, key, default=None):
     field = reader.fields.get(key)
@@ -403,7 +417,6 @@ def _gguf_value(reader, key, default=None):
 
 
 def args_from_gguf(reader, max_seq_len=None):
-    from model import ModelArgs
     arch = _gguf_value(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"unsupported GGUF architecture {arch!r}: this project implements LLaMA models")
@@ -422,13 +435,9 @@ def read_gguf(reader, args):
     """Dequantize each tensor to fp32 (the gguf package knows every block format) and undo the q/k permutation."""
     from gguf.quants import dequantize
     for t in reader.tensors:
-        key = rename(t.name, GGUF_KEYS)
+        key = rename(t.name, GGUF_KEYS) or t.name  # a name not in the table: load_state_one_by_one reports it
         w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())  # numpy shape = PyTorch's (out, in)
-        if key is not None and key.endswith("q_proj.weight"):
-            w = interleaved_to_half(w, args.n_heads)
-        elif key is not None and key.endswith("k_proj.weight"):
-            w = interleaved_to_half(w, args.n_kv_heads)
-        yield key or t.name, w
+        yield key, permute_qk(key, w, args, interleaved_to_half)
 
 
 def gguf_tokenizer(reader):
@@ -455,10 +464,9 @@ def gguf_tokenizer(reader):
 def convert_gguf(gguf_path, out_dir):
     """Write a Hugging Face-layout folder (fp32 safetensors, config, tokenizer, chat template) from a GGUF file."""
     from gguf import GGUFReader
-    from model import Llama
     reader = GGUFReader(gguf_path)
     args = args_from_gguf(reader)
-    model = load_state_one_by_one(Llama, args, read_gguf(reader, args), torch.float32, "cpu", where=gguf_path)
+    model = load_state_one_by_one(args, read_gguf(reader, args), torch.float32, "cpu", where=gguf_path)
     tk, tokens = gguf_tokenizer(reader)
     ids = {k: _gguf_value(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
     tok_cfg = {"bos_token": tokens[ids["bos"]] if ids["bos"] is not None else None,
@@ -469,8 +477,7 @@ def convert_gguf(gguf_path, out_dir):
                "model_max_length": args.max_seq_len}
     os.makedirs(out_dir, exist_ok=True)
     atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda p: tk.save(p))
-    atomic_write(os.path.join(out_dir, "tokenizer_config.json"),
-                 lambda p: open(p, "w", encoding="utf-8").write(json.dumps(tok_cfg, indent=2, ensure_ascii=False)))
+    write_json(os.path.join(out_dir, "tokenizer_config.json"), tok_cfg, end="", indent=2, ensure_ascii=False)
     # config.json last: its presence marks a finished conversion (prepare.py skips a folder that has it).
     save_hf(model, out_dir, {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"]})
     return out_dir

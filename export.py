@@ -39,9 +39,10 @@ settings = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 import gguf  # noqa: E402
 
 from configurator import configure  # noqa: E402
+from convert import GGUF_KEYS, atomic_write, half_to_interleaved, permute_qk  # noqa: E402
 from lora import find_base, load_model, merge_lora  # noqa: E402
+from model import rope_frequencies  # noqa: E402
 from quant import Linear4bit  # noqa: E402
-from convert import GGUF_KEYS, atomic_write, half_to_interleaved  # noqa: E402
 
 G = gguf.GGMLQuantizationType
 TYPES = {  # --type -> (the matrices' GGML type, the file_type llama.cpp reports)
@@ -51,7 +52,7 @@ TYPES = {  # --type -> (the matrices' GGML type, the file_type llama.cpp reports
     "q8_0": (G.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
     "q4_0": (G.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
-OUR_KEYS = {ours: theirs for theirs, ours in GGUF_KEYS.items()}  # our (HF) name -> llama.cpp's, {i}-patterns
+HF_TO_GGUF = {ours: theirs for theirs, ours in GGUF_KEYS.items()}  # our (HF) name -> llama.cpp's, {i}-patterns
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -62,8 +63,8 @@ def gguf_name(key):
     parts = key.split(".")
     if len(parts) > 3 and parts[1] == "layers":
         pattern = ".".join(parts[:2] + ["{i}"] + parts[3:])
-        return OUR_KEYS[pattern].format(i=parts[2])
-    return OUR_KEYS[key]
+        return HF_TO_GGUF[pattern].format(i=parts[2])
+    return HF_TO_GGUF[key]
 
 
 def gguf_tensors(model):
@@ -76,15 +77,10 @@ def gguf_tensors(model):
         w = w.detach().float().cpu()
         # llama.cpp's RoPE rotates interleaved pairs (x0, x1), (x2, x3), ... as Meta's code did; Hugging Face
         # checkpoints (and we) rotate halves. Permuting q/k rows back makes llama.cpp compute the same thing.
-        if key.endswith("q_proj.weight"):
-            w = half_to_interleaved(w, args.n_heads)                  # (n_heads*head_dim, dim)
-        elif key.endswith("k_proj.weight"):
-            w = half_to_interleaved(w, args.n_kv_heads)               # (n_kv_heads*head_dim, dim)
-        yield gguf_name(key), w
+        yield gguf_name(key), permute_qk(key, w, args, half_to_interleaved)
     if args.rope_scaling and args.rope_scaling.get("rope_type", args.rope_scaling.get("type")) == "llama3":
         # llama.cpp reads Llama 3.1's frequency scaling as one divisor per frequency (rope_freqs.weight),
         # the same numbers model.py's rope_frequencies applies: plain frequency / scaled frequency.
-        from model import rope_frequencies
         plain = rope_frequencies(args.head_dim, args.rope_theta)                          # (head_dim/2,)
         yield "rope_freqs.weight", plain / rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
 

@@ -1,17 +1,20 @@
 """
-The Triton kernels for NF4 weights: dequantization (for training) and a fused matrix-vector product (for decoding).
+Rebuilding NF4 weights on each kind of hardware: every Triton kernel here sits beside its pure-torch twin.
 
-1. `_nf4_dequant_kernel` rebuilds the 16-bit weight in one pass: read each packed byte once, write each weight once.
-   QLoRA training runs it per linear layer per micro-batch twice (forward, backward), three times with gradient
-   checkpointing (forward, the forward recomputed during backward, backward); the matmul that follows is cuBLAS's.
-2. `_nf4_matvec_kernel` computes y = x @ W.T for a few rows of x (decoding: one token per sequence) WITHOUT
-   writing W: each program reads the packed nibbles and scales of a tile of W, rebuilds the weights in registers,
-   multiplies by x and accumulates in fp32. Decoding is memory-bound, and W in 16 bits is 4x the bytes of W in
-   4 bits: writing it out and reading it back costs 2 x 4 = 8x more traffic than the 4-bit weight itself.
+1. Dequantization, for training. `_nf4_dequant_kernel` rebuilds the 16-bit weight in one pass: read each packed byte
+   once, write each weight once. QLoRA training runs it per linear layer per micro-batch twice (forward, backward),
+   three times with gradient checkpointing (forward, the forward recomputed during backward, backward); the matmul
+   that follows is cuBLAS's. Its twin `dequantize_torch` does the same in chunks of whole blocks.
+2. The matrix-vector product, for decoding. `_nf4_matvec_kernel` computes y = x @ W.T for a few rows of x (one token
+   per sequence) WITHOUT writing W: each program reads the packed nibbles and scales of a tile of W, rebuilds the
+   weights in registers, multiplies by x and accumulates in fp32. Decoding is memory-bound, and W in 16 bits is 4x
+   the bytes of W in 4 bits: writing it out and reading it back costs 2 x 4 = 8x more traffic than the 4-bit weight
+   itself. Its twin `matvec_torch` rebuilds a few rows of W at a time.
 
-Both compute exactly what quant.py's pure-torch twins compute (`quant.py: _dequantize_torch`,
-`quant.py: _matvec_torch`) and are tested against them; on CPU they run under TRITON_INTERPRET=1 (tests, lessons).
-Triton is optional: without it quant.py uses the twins everywhere. The NF4 format itself is described in quant.py.
+A kernel and its twin compute the same bits in the same order and are tested against each other; on CPU the kernels
+run under TRITON_INTERPRET=1 (tests, lessons). Triton is optional: without it (kernels.triton is None) the twins do
+all the work. The functions to call check their input and pick the kernel or the twin: `matvec_nf4` at the end of
+this file, and `quant.py: dequantize_nf4`, next to the NF4 format it reverses.
 """
 
 import contextlib
@@ -28,12 +31,25 @@ except ImportError:
 # Linear4bit takes it (quant.py: _use_fused); above, dequantize-then-matmul. 8 is an estimate of where the two
 # cross on a GPU (lesson 09), to be set from bench/dequant.py --decode-sweep once it runs on one.
 MATVEC_MAX_ROWS = 8
+CHUNK = 2**18  # weights the torch twins rebuild at a time: a whole number of blocks for every blocksize
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what a weight is rebuilt in and x multiplied in
 
 
 def on_device(t):
     """Launch context for a kernel reading `t`: Triton launches on the CURRENT CUDA device, which is cuda:0
     unless set, so a tensor on cuda:1 must make cuda:1 current first. A no-op for CPU (interpreter) tensors."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def pick_backend(t, backend):
+    """None -> "triton" for a CUDA tensor when triton is installed, else "torch"; a named backend is checked."""
+    if backend is None:
+        return "triton" if t.is_cuda and triton is not None else "torch"
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
+    if backend == "triton" and triton is None:
+        raise RuntimeError("backend='triton' needs the triton package (pip install triton); or use backend='torch'")
+    return backend
 
 
 if triton is not None:
@@ -48,6 +64,12 @@ if triton is not None:
             return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
         return w.to(out_dtype)
 
+
+# -----------------------------------------------------------------------------
+# 1. Dequantization. The kernel and its twin take the steps written out in quant.py (absmax from its 8-bit code,
+# then NF4[nibble] * absmax) in fp32 and in the same order, and round once to the output dtype: the same bits.
+
+if triton is not None:
     @triton.jit
     def _nf4_dequant_kernel(packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, out_ptr, n,
                             BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
@@ -72,6 +94,69 @@ if triton is not None:
         idx = pid * 2 * BYTES + tl.arange(0, 2 * BYTES)                        # (2 * BYTES,) int64
         tl.store(out_ptr + idx, w, mask=idx < n)
 
+
+def _nested_args(state):
+    # without double quant the nested pointers are unused: pass any tensor
+    if state.double_quant:
+        return state.nested_absmax, state.nested_code
+    return state.absmax, state.code
+
+
+def dequantize_triton(packed, state, dtype):
+    """The whole weight (state.shape) in `dtype`, by `_nf4_dequant_kernel`."""
+    n, bytes_per_program = state.shape.numel(), 1024
+    out = torch.empty(state.shape, dtype=dtype, device=packed.device)
+    with on_device(packed):
+        _nf4_dequant_kernel[(triton.cdiv((n + 1) // 2, bytes_per_program),)](
+            packed, state.absmax, state.code, *_nested_args(state), state.offset, out, n,
+            BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.nested_blocksize, NESTED=state.double_quant,
+            OUT_BF16=dtype == torch.bfloat16, BYTES=bytes_per_program,
+            enable_fp_fusion=False)  # no fused multiply-add: round after the multiply, exactly like torch
+    return out
+
+
+def _absmax_fp32(state):
+    """The fp32 absmax of every block: stored as is, or rebuilt from its 8-bit codes (double quantization)."""
+    if not state.double_quant:
+        return state.absmax
+    scale = state.nested_absmax.repeat_interleave(state.nested_blocksize)[:state.absmax.numel()]  # (n_blocks,)
+    return state.nested_code[state.absmax.long()] * scale + state.offset                          # (n_blocks,)
+
+
+def _byte_pairs(code):
+    """Each of the 256 byte values stands for two weights (high nibble first). Stored as one 8-byte word per byte
+    value, the pair is unpacked by a single gather: no shifts, no masks, no interleaving pass."""
+    byte_values = torch.arange(256, device=code.device)
+    pairs = torch.stack([code[byte_values >> 4], code[byte_values & 15]], dim=1)  # (256, 2) fp32
+    return pairs.view(torch.int64).view(-1)                                # (256,) the same bytes, one word each
+
+
+def dequantize_torch(packed, state, dtype):
+    """The twin of dequantize_triton: the whole weight in `dtype`, CHUNK values at a time."""
+    n, bs = state.shape.numel(), state.blocksize
+    absmax = _absmax_fp32(state)                                           # (n_blocks,)
+    pairs = _byte_pairs(state.code)                                        # (256,)
+    flat = packed.view(-1)                                                 # ((n + 1) // 2,)
+    out = torch.empty(n, dtype=dtype, device=packed.device)
+    for start in range(0, n, CHUNK):
+        stop = min(start + CHUNK, n)
+        byte = flat[start // 2:(stop + 1) // 2]                            # (L / 2,)
+        w = pairs.index_select(0, byte.long()).view(torch.float32)        # (L,), one extra value if L is odd
+        full = (stop - start) // bs * bs                                   # values in whole blocks
+        # product in fp32, rounded once as it is stored into `out` (whatever its dtype)
+        torch.mul(w[:full].view(-1, bs), absmax[start // bs:(start + full) // bs, None],
+                  out=out[start:start + full].view(-1, bs))                # (full / bs, bs)
+        if full < stop - start:                                            # a last, partial block
+            out[start + full:stop] = w[full:stop - start] * absmax[(start + full) // bs]
+    return out.view(state.shape)
+
+
+# -----------------------------------------------------------------------------
+# 2. The 4-bit matrix-vector product for decoding: y = x @ W.T (+ b) for a few rows of x, never building all of W.
+# The kernel rebuilds a tile of W in registers; its twin rebuilds a few rows at a time. Both round each weight to
+# x's dtype exactly as dequantization does, multiply and sum in fp32, and round y once.
+
+if triton is not None:
     @triton.jit
     def _nf4_matvec_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, absmax2_ptr, code2_ptr, offset, partial_ptr,
                            M, N, K, K_PER_SPLIT, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
@@ -114,26 +199,6 @@ if triton is not None:
         tl.store(out, acc, mask=(rows[:, None] < M) & (feats[None, :] < N))
 
 
-def _nested_args(state):
-    # without double quant the nested pointers are unused: pass any tensor
-    if state.double_quant:
-        return state.nested_absmax, state.nested_code
-    return state.absmax, state.code
-
-
-def dequantize_triton(packed, state, dtype):
-    """The whole weight (state.shape) in `dtype`, by `_nf4_dequant_kernel`."""
-    n, bytes_per_program = state.shape.numel(), 1024
-    out = torch.empty(state.shape, dtype=dtype, device=packed.device)
-    with on_device(packed):
-        _nf4_dequant_kernel[(triton.cdiv((n + 1) // 2, bytes_per_program),)](
-            packed, state.absmax, state.code, *_nested_args(state), state.offset, out, n,
-            BLOCKSIZE=state.blocksize, BLOCKSIZE2=state.nested_blocksize, NESTED=state.double_quant,
-            OUT_BF16=dtype == torch.bfloat16, BYTES=bytes_per_program,
-            enable_fp_fusion=False)  # no fused multiply-add: round after the multiply, exactly like torch
-    return out
-
-
 def programs_wanted(device):
     """How many programs a launch should have: a few per streaming multiprocessor, so that every SM has work and
     can switch to another program while one waits for memory. In the interpreter (CPU) a small number, so that
@@ -171,3 +236,47 @@ def matvec_triton(x, packed, state, bias=None):
     if bias is not None:
         y += bias.float()
     return y.to(x.dtype)                                                       # one rounding per output
+
+
+def matvec_torch(x, packed, state, bias=None):
+    """The twin of matvec_triton: y = x @ W.T (+ bias) for x of shape (M, K), W rebuilt a few rows at a time."""
+    (M, K), N, bs = x.shape, state.shape[0], state.blocksize
+    absmax = _absmax_fp32(state)                                           # (n_blocks,)
+    pairs, flat = _byte_pairs(state.code), packed.view(-1)                 # (256,), ((n + 1) // 2,)
+    xf = x.float()                                                         # (M, K)
+    y = torch.empty(M, N, dtype=torch.float32, device=x.device)            # (M, N)
+    rows = max(1, CHUNK // K)                                              # rows of W rebuilt at a time
+    for r0 in range(0, N, rows):
+        r1 = min(r0 + rows, N)
+        # Rows r0..r1 are values start..stop of the flat weight. start can be odd (K odd: the row starts in a byte's
+        # low nibble) and need not start a block (K not a multiple of bs: blocks span rows), hence the offsets.
+        start, stop = r0 * K, r1 * K
+        n = stop - start                                                   # values in these rows
+        w = pairs.index_select(0, flat[start // 2:(stop + 1) // 2].long()).view(torch.float32)[start % 2:start % 2 + n]
+        scale = absmax[start // bs:(stop - 1) // bs + 1].repeat_interleave(bs)[start % bs:start % bs + n]  # (n,)
+        w = (w * scale).to(x.dtype).float().view(r1 - r0, K)               # (rows, K) as dequantize_nf4 rounds it
+        y[:, r0:r1] = xf @ w.T                                             # (M, K) @ (K, rows) in fp32
+    if bias is not None:
+        y += bias.float()                                                  # (M, N)
+    return y.to(x.dtype)
+
+
+def matvec_nf4(x, packed, state, bias=None, backend=None):
+    """x @ W.T (+ bias) for x of shape (..., in_features), W = the NF4 weight, without writing W out in 16 bits.
+
+    Made for decoding (a few rows of x). Weights are rounded to x.dtype as dequantize_nf4 would, products and
+    sums are fp32, and y (in x.dtype) is rounded once. backend: "triton" (the fused kernel, at most
+    MATVEC_MAX_ROWS rows), "torch" (the twin), or None for triton on CUDA and torch otherwise.
+    """
+    if x.dtype not in DTYPES:
+        raise TypeError(f"x must be float32/bfloat16/float16, got {x.dtype}")
+    if len(state.shape) != 2 or x.shape[-1] != state.shape[1]:
+        raise ValueError(f"x of shape {tuple(x.shape)} does not multiply a weight of shape {tuple(state.shape)}")
+    x2 = x.reshape(-1, x.shape[-1])                                        # (M, K)
+    if pick_backend(x, backend) == "torch":
+        y = matvec_torch(x2, packed, state, bias)
+    elif x2.shape[0] > MATVEC_MAX_ROWS:
+        raise ValueError(f"the fused kernel takes at most {MATVEC_MAX_ROWS} rows, got {x2.shape[0]}")
+    else:
+        y = matvec_triton(x2, packed, state, bias)
+    return y.view(*x.shape[:-1], state.shape[0])                           # (..., out_features)

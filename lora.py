@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from convert import BUNDLED_DIR, atomic_write
+from convert import BUNDLED_DIR, atomic_write, write_json
 from model import Llama
 from quant import Linear4bit
 
@@ -122,7 +122,7 @@ class LoRALinear(nn.Module):
         """scaling * B A, the (out, in) update: built only for merging, in the dtype of A and B."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, r) @ (r, in) -> (out, in)
 
-    def plus_delta(self, w):
+    def merged_weight(self, w):
         """w + scaling * B A, summed in fp32 and rounded once to w's dtype."""
         return (w.float() + self.delta_weight().float()).to(w.dtype)
 
@@ -136,7 +136,7 @@ class LoRALinear(nn.Module):
             return
         w = self.base.weight                                          # (out, in)
         self.weight_before_merge = w.detach().clone()
-        w.copy_(self.plus_delta(w))
+        w.copy_(self.merged_weight(w))
         self.merged = True
 
     @torch.no_grad()
@@ -278,7 +278,7 @@ def merge_lora(model):
     for name, layer in lora_layers(model):
         if isinstance(layer.base, Linear4bit):
             w = layer.base.dequantize(layer.base.compute_dtype)                      # (out, in)
-            dense = _dense_linear(layer.plus_delta(w), layer.base.bias)
+            dense = _dense_linear(layer.merged_weight(w), layer.base.bias)
         else:
             layer.merge()
             layer.weight_before_merge = None  # no unmerge after export: free the copy now
@@ -319,8 +319,7 @@ def save_adapter(model, out_dir, base_model_name_or_path=None):
     config["base_model_name_or_path"] = base_model_name_or_path or config["base_model_name_or_path"]
     atomic_write(os.path.join(out_dir, "adapter_model.safetensors"),
                  lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    atomic_write(os.path.join(out_dir, "adapter_config.json"),
-                 lambda p: open(p, "w").write(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    write_json(os.path.join(out_dir, "adapter_config.json"), config, indent=2, sort_keys=True)
 
 
 # PEFT options that change what an adapter computes, and the only values of them this file implements (unset,

@@ -291,6 +291,9 @@ class Llama(nn.Module):
                 self.clear_cache()
 
     # --- loading ------------------------------------------------------------------------------------------------
+    # The one place this file reaches convert.py: weight formats are their own lesson there, and convert.py imports
+    # this file at its top (it builds a Llama and its rotary tables). These two methods are the way in for users,
+    # so they import convert when called: at import time the files depend one way only, convert.py -> model.py.
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", max_seq_len=None, quantize=None):
@@ -299,10 +302,11 @@ class Llama(nn.Module):
         (params.json + consolidated.*). quantize="nf4" turns each linear layer into a 4-bit one as it is read
         (see quant.py), so a 7B model never sits in memory at 16 bits.
         """
-        from convert import load_checkpoint  # weight formats are their own lesson: convert.py
-        return load_checkpoint(cls, path, dtype=dtype, device=device, max_seq_len=max_seq_len, quantize=quantize)
+        from convert import load_checkpoint
+        return load_checkpoint(path, dtype=dtype, device=device, max_seq_len=max_seq_len, quantize=quantize)
 
     def save_pretrained(self, out_dir):
+        """Write a Hugging Face-layout folder (config.json + model.safetensors); see convert.py: save_hf."""
         from convert import save_hf
         save_hf(self, out_dir)
 

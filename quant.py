@@ -11,8 +11,8 @@ QLoRA fine-tunes a model whose frozen weights are stored in 4 bits but multiplie
 3. Compute in 16 bits: a matmul never sees the 4-bit codes. The weight is rebuilt (dequantized) in bf16 right
    before the matmul, in the forward pass and again in the backward pass, and thrown away after each.
    Decoding (a few rows of x, no gradient) never builds the whole W on a GPU: kernels.py's fused kernel rebuilds
-   one tile at a time in registers and multiplies it at once (`matvec_nf4`), because decoding time is the time
-   it takes to move the weight's bytes, and a 16-bit W written out and read back is 8x the 4-bit bytes.
+   one tile at a time in registers and multiplies it at once (`kernels.py: matvec_nf4`), because decoding time is
+   the time it takes to move the weight's bytes, and a 16-bit W written out and read back is 8x the 4-bit bytes.
 
 Everything here is byte-compatible with bitsandbytes (what `*-bnb-4bit` checkpoints on the Hub contain), so a
 layer can be loaded from, and saved to, its state dict format. bitsandbytes itself is used only by the tests.
@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels  # the Triton kernels; optional: without triton (kernels.triton is None) the torch twins do the work
+import kernels  # rebuilding the weight: Triton kernels (optional: kernels.triton is None) and their torch twins
 
 # -----------------------------------------------------------------------------
 # The two code tables
@@ -83,8 +83,7 @@ class QuantState:
 
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsandbytes accepts
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-CHUNK = 2**18  # weights handled at a time on the torch paths: a whole number of blocks for every blocksize
+CHUNK = 2**18  # weights quantized at a time: a whole number of blocks for every blocksize
 
 
 def _absmax_quantize(x, table, blocksize):
@@ -104,7 +103,7 @@ def _absmax_quantize(x, table, blocksize):
 
 def quantize_nf4(weight, blocksize=64, double_quant=True):
     """Quantize a weight to packed NF4 nibbles. Returns (packed uint8 of shape ((n + 1) // 2, 1), QuantState)."""
-    if weight.dtype not in DTYPES:
+    if weight.dtype not in kernels.DTYPES:
         raise TypeError(f"quantize_nf4 takes a float32/bfloat16/float16 weight, got {weight.dtype}")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES} (as in bitsandbytes), got {blocksize}")
@@ -148,44 +147,11 @@ def bits_per_param(packed, state):
 
 
 # -----------------------------------------------------------------------------
-# Dequantization: a pure-torch version here and a Triton kernel in kernels.py that compute the same bits in the
-# same order:
+# Rebuilding the weight for a matmul. kernels.py does it with a Triton kernel or with its pure-torch twin, which
+# compute the same bits in the same order:
 #   absmax = nested_code[q] * nested_absmax + offset   (fp32; just absmax without double quant)
 #   w      = NF4[nibble] * absmax                       (fp32), then one rounding to the output dtype
-
-
-def _absmax_fp32(state):
-    if not state.double_quant:
-        return state.absmax
-    scale = state.nested_absmax.repeat_interleave(state.nested_blocksize)[:state.absmax.numel()]  # (n_blocks,)
-    return state.nested_code[state.absmax.long()] * scale + state.offset                          # (n_blocks,)
-
-
-def _byte_pairs(code):
-    """Each of the 256 byte values stands for two weights (high nibble first). Stored as one 8-byte word per byte
-    value, the pair is unpacked by a single gather: no shifts, no masks, no interleaving pass."""
-    byte_values = torch.arange(256, device=code.device)
-    pairs = torch.stack([code[byte_values >> 4], code[byte_values & 15]], dim=1)  # (256, 2) fp32
-    return pairs.view(torch.int64).view(-1)                                # (256,) the same bytes, one word each
-
-
-def _dequantize_torch(packed, state, dtype):
-    n, bs = state.shape.numel(), state.blocksize
-    absmax = _absmax_fp32(state)                                           # (n_blocks,)
-    pairs = _byte_pairs(state.code)                                        # (256,)
-    flat = packed.view(-1)                                                 # ((n + 1) // 2,)
-    out = torch.empty(n, dtype=dtype, device=packed.device)
-    for start in range(0, n, CHUNK):
-        stop = min(start + CHUNK, n)
-        byte = flat[start // 2:(stop + 1) // 2]                            # (L / 2,)
-        w = pairs.index_select(0, byte.long()).view(torch.float32)        # (L,), one extra value if L is odd
-        full = (stop - start) // bs * bs                                   # values in whole blocks
-        # product in fp32, rounded once as it is stored into `out` (whatever its dtype)
-        torch.mul(w[:full].view(-1, bs), absmax[start // bs:(start + full) // bs, None],
-                  out=out[start:start + full].view(-1, bs))                # (full / bs, bs)
-        if full < stop - start:                                            # a last, partial block
-            out[start + full:stop] = w[full:stop - start] * absmax[(start + full) // bs]
-    return out.view(state.shape)
+# (For decoding, kernels.py's matvec_nf4 multiplies a few rows of x by W the same way, without writing W out.)
 
 
 def dequantize_nf4(packed, state, dtype=None, backend=None):
@@ -195,76 +161,13 @@ def dequantize_nf4(packed, state, dtype=None, backend=None):
     tensor is on CUDA and triton is installed, torch otherwise. Both give the same bits.
     """
     dtype = dtype or state.dtype
-    if dtype not in DTYPES:
+    if dtype not in kernels.DTYPES:
         raise TypeError(f"can dequantize to float32/bfloat16/float16 only, got {dtype}")
     if packed.numel() != (state.shape.numel() + 1) // 2:
         raise ValueError(f"{packed.numel()} packed bytes do not hold a weight of shape {tuple(state.shape)}")
-    if backend is None:
-        backend = "triton" if packed.is_cuda and kernels.triton is not None else "torch"
-    if backend == "torch":
-        return _dequantize_torch(packed, state, dtype)
-    if backend != "triton":
-        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
-    _need_triton()
+    if kernels.pick_backend(packed, backend) == "torch":
+        return kernels.dequantize_torch(packed, state, dtype)
     return kernels.dequantize_triton(packed, state, dtype)
-
-
-def _need_triton():
-    if kernels.triton is None:
-        raise RuntimeError("backend='triton' needs the triton package (pip install triton); or use backend='torch'")
-
-
-# -----------------------------------------------------------------------------
-# The 4-bit matrix-vector product for decoding: y = x @ W.T (+ b) for a few rows of x, never building all of W.
-# The Triton kernel (kernels.py) rebuilds a tile of W in registers; this twin rebuilds a few rows at a time. Both
-# round each weight to x's dtype exactly as dequantization does, multiply and sum in fp32, and round y once.
-
-
-def _matvec_torch(x, packed, state, bias=None):
-    (M, K), N, bs = x.shape, state.shape[0], state.blocksize
-    absmax = _absmax_fp32(state)                                           # (n_blocks,)
-    pairs, flat = _byte_pairs(state.code), packed.view(-1)                 # (256,), ((n + 1) // 2,)
-    xf = x.float()                                                         # (M, K)
-    y = torch.empty(M, N, dtype=torch.float32, device=x.device)            # (M, N)
-    rows = max(1, CHUNK // K)                                              # rows of W rebuilt at a time
-    for r0 in range(0, N, rows):
-        r1 = min(r0 + rows, N)
-        # Rows r0..r1 are values a..b of the flat weight. a can be odd (K odd: the row starts in a byte's low
-        # nibble) and need not start a block (K not a multiple of bs: blocks span rows), hence the offsets.
-        a, b = r0 * K, r1 * K
-        w = pairs.index_select(0, flat[a // 2:(b + 1) // 2].long()).view(torch.float32)[a % 2:a % 2 + b - a]
-        scale = absmax[a // bs:(b - 1) // bs + 1].repeat_interleave(bs)[a % bs:a % bs + b - a]  # (L,)
-        w = (w * scale).to(x.dtype).float().view(r1 - r0, K)               # (rows, K) as dequantize_nf4 rounds it
-        y[:, r0:r1] = xf @ w.T                                             # (M, K) @ (K, rows) in fp32
-    if bias is not None:
-        y += bias.float()                                                  # (M, N)
-    return y.to(x.dtype)
-
-
-def matvec_nf4(x, packed, state, bias=None, backend=None):
-    """x @ W.T (+ bias) for x of shape (..., in_features), W = the NF4 weight, without writing W out in 16 bits.
-
-    Made for decoding (a few rows of x). Weights are rounded to x.dtype as dequantize_nf4 would, products and
-    sums are fp32, and y (in x.dtype) is rounded once. backend: "triton" (the fused kernel, at most
-    kernels.MATVEC_MAX_ROWS rows), "torch" (the twin), or None for triton on CUDA and torch otherwise.
-    """
-    if x.dtype not in DTYPES:
-        raise TypeError(f"x must be float32/bfloat16/float16, got {x.dtype}")
-    if len(state.shape) != 2 or x.shape[-1] != state.shape[1]:
-        raise ValueError(f"x of shape {tuple(x.shape)} does not multiply a weight of shape {tuple(state.shape)}")
-    x2 = x.reshape(-1, x.shape[-1])                                        # (M, K)
-    if backend is None:
-        backend = "triton" if x.is_cuda and kernels.triton is not None else "torch"
-    if backend == "torch":
-        y = _matvec_torch(x2, packed, state, bias)
-    elif backend == "triton":
-        _need_triton()
-        if x2.shape[0] > kernels.MATVEC_MAX_ROWS:
-            raise ValueError(f"the fused kernel takes at most {kernels.MATVEC_MAX_ROWS} rows, got {x2.shape[0]}")
-        y = kernels.matvec_triton(x2, packed, state, bias)
-    else:
-        raise ValueError(f"backend must be 'triton', 'torch' or None, got {backend!r}")
-    return y.view(*x.shape[:-1], state.shape[0])                           # (..., out_features)
 
 
 # -----------------------------------------------------------------------------
@@ -401,7 +304,7 @@ class Linear4bit(nn.Module):
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         x = x.to(self.compute_dtype)                               # (..., in)
         if _use_fused(x, self.weight, bias):
-            return matvec_nf4(x, self.weight, self.quant_state, bias, backend="triton")  # (..., out)
+            return kernels.matvec_nf4(x, self.weight, self.quant_state, bias, backend="triton")  # (..., out)
         return _NF4Linear.apply(x, self.weight, self.quant_state, bias)                  # (..., out)
 
     def dequantize(self, dtype=None):

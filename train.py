@@ -221,15 +221,14 @@ def save_checkpoint(out_dir, model, opt, cfg, base, pos, history, scaler=None):
     temporary name and renamed, so a crash mid-write never leaves a broken checkpoint. The adapter is also written
     in PEFT's format for sample.py, the merge command and PEFT itself.
     """
-    from convert import atomic_write
+    from convert import atomic_write, write_json
     state = {"trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
              "optimizer": opt.state_dict(), "pos": pos, "history": history, "config": cfg,
              "scaler": scaler.state_dict() if scaler is not None else None,  # fp16's loss scale, plain numbers
              "rng": rng_state(cfg["device"])}
     atomic_write(os.path.join(out_dir, STATE_FILE), lambda p: torch.save(state, p))
     save_adapter(model, out_dir, base_model_name_or_path=base)
-    atomic_write(os.path.join(out_dir, "config.json"),
-                 lambda p: open(p, "w").write(json.dumps(cfg, indent=2, default=list) + "\n"))
+    write_json(os.path.join(out_dir, "config.json"), cfg, indent=2, default=list)
 
 
 def report_test(rows, base, tuned, n_examples=4):

@@ -29,7 +29,7 @@ Two units:
 
 decode=True times what one decoding step does with a 4-bit model: every linear layer of a stack of Llama-7B-shaped
 layers (q, k, v, o: dim x dim; gate, up: hidden x dim; down: dim x hidden) multiplies one token per sequence.
-  CUDA: quant.matvec_nf4 (the fused Triton kernel: W never written in 16 bits) vs dequantize_nf4 + F.linear;
+  CUDA: kernels.matvec_nf4 (the fused Triton kernel: W never written in 16 bits) vs dequantize_nf4 + F.linear;
   CPU:  the fused kernel's torch twin vs dequantize_nf4 + F.linear (at smoke size in the tests).
 It prints ms per token for the whole stack and the GB/s each side must move at least (4-bit weights; plus W in
 16 bits written and read back by dequantize-then-matmul), and ends in one "decode_*" summary line in tokens/s
@@ -145,8 +145,8 @@ def main(argv=None):
 
 def time_decode(cfg):
     """Fused 4-bit matrix-vector products vs dequantize-then-matmul over a stack of layers (see the docstring)."""
-    from kernels import MATVEC_MAX_ROWS
-    from quant import dequantize_nf4, matvec_nf4, quantize_nf4
+    from kernels import MATVEC_MAX_ROWS, matvec_nf4
+    from quant import dequantize_nf4, quantize_nf4
     dim, hidden, layers, batch, reps = cfg["dim"], cfg["hidden"], cfg["layers"], cfg["batch_size"], cfg["reps"]
     if min(dim, hidden, layers, reps) < 1 or not 1 <= batch <= MATVEC_MAX_ROWS:
         sys.exit(f"error: dim, hidden, layers, reps must be at least 1, batch_size 1..{MATVEC_MAX_ROWS}")
@@ -198,8 +198,8 @@ def time_decode_sweep(cfg):
     """One 4-bit layer of each Llama-7B shape, x of 1, 2, 4, 8 rows: the fused product against dequantize-then-matmul,
     and the largest row count at which the fused one is faster on every shape (what quant.py: _use_fused should
     use; kernels.MATVEC_MAX_ROWS is an estimate until this runs on a GPU)."""
-    from kernels import MATVEC_MAX_ROWS
-    from quant import dequantize_nf4, matvec_nf4, quantize_nf4
+    from kernels import MATVEC_MAX_ROWS, matvec_nf4
+    from quant import dequantize_nf4, quantize_nf4
     set_threads(cfg["threads"])
     device = pick_device(cfg["device"])
     dtype = pick_dtype(cfg["dtype"], device)

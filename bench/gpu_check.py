@@ -103,7 +103,7 @@ def main(argv=None):
 
     # -- load: the real quantize-while-loading path --------------------------------------------------------------
     t0 = time.time()
-    model = load_state_one_by_one(Llama, args, random_tensors(args, device, dtype), dtype, device, quantize="nf4")
+    model = load_state_one_by_one(args, random_tensors(args, device, dtype), dtype, device, quantize="nf4")
     apply_lora(model, r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
                targets=cfg["lora_targets"])
     model.gradient_checkpointing = cfg["gradient_checkpointing"]

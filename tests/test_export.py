@@ -57,7 +57,7 @@ def read_back(path):
     """Our GGUF reader (the one that converts the bundled SmolLM2): dequantized fp32, q/k rows un-permuted."""
     reader = gguf.GGUFReader(str(path))
     args = args_from_gguf(reader)
-    return load_state_one_by_one(Llama, args, read_gguf(reader, args), torch.float32, "cpu", where=str(path))
+    return load_state_one_by_one(args, read_gguf(reader, args), torch.float32, "cpu", where=str(path))
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""kernels.py's fused NF4 matrix-vector kernel against quant.py's torch paths, and when Linear4bit uses it.
+"""kernels.py's fused NF4 matrix-vector kernel against its torch twin and dequantize-then-matmul, and when
+Linear4bit uses it.
 
 On CPU the kernel runs under Triton's interpreter, in a fresh process (TRITON_INTERPRET must be set before triton is
 imported): run_interpreted("check_...") calls a check_* function of this file there. Small odd shapes only: the
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 import kernels
 import quant
 from model import Llama, ModelArgs
-from quant import Linear4bit, dequantize_nf4, matvec_nf4, quantize_model, quantize_nf4
+from kernels import matvec_nf4
+from quant import Linear4bit, dequantize_nf4, quantize_model, quantize_nf4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (out, in): out is not a multiple of the 32-feature tile, in not a multiple of the 64-value chunk nor of the NF4
@@ -107,7 +109,7 @@ def test_torch_twin_matches_dequantize_then_matmul(shape, double_quant, monkeypa
     x = torch.randn(2, 3, shape[1])                                       # (2, 3, in)
     assert matvec_nf4(x, packed, state).shape == (2, 3, shape[0])
     w = dequantize_nf4(packed, state, torch.float32)                      # (out, in)
-    monkeypatch.setattr(quant, "CHUNK", 3 * shape[1])  # not whole blocks: fine for the twin, which goes by rows
+    monkeypatch.setattr(kernels, "CHUNK", 3 * shape[1])  # not whole blocks: fine for the twin, which goes by rows
     y = matvec_nf4(x, packed, state, bias.float())                        # (2, 3, out)
     exact, bound = error_bound(x.view(6, -1), w, bias.float(), torch.float32)
     assert ((y.view(6, -1).double() - exact).abs() <= bound).all()
@@ -131,7 +133,7 @@ def test_linear4bit_uses_the_fused_kernel_only_for_decoding(monkeypatch):
 
     def fake_kernel(x, packed, state, bias):  # stands in for the GPU kernel: records the call, computes the twin
         calls.append(tuple(x.shape))
-        return quant._matvec_torch(x, packed, state, bias)
+        return kernels.matvec_torch(x, packed, state, bias)
 
     monkeypatch.setattr(kernels, "triton", kernels.triton or "installed")
     monkeypatch.setattr(kernels, "matvec_triton", fake_kernel)
