@@ -97,12 +97,12 @@ def tensor_type(w, wanted):
 
 def encode_tensor(w, qtype):
     """fp32 torch tensor -> the numpy array GGUF stores (uint8 blocks for the quantized types)."""
-    a = w.contiguous().numpy()                                         # (out, in) float32
+    values = w.contiguous().numpy()                                    # (out, in) float32
     if qtype == G.F32:
-        return a
+        return values
     if qtype == G.F16:
-        return a.astype(np.float16)                                    # round to nearest, as torch's .half()
-    return gguf.quants.quantize(a, qtype)                              # (out, in_bytes) uint8: bf16, q8_0, q4_0
+        return values.astype(np.float16)                                    # round to nearest, as torch's .half()
+    return gguf.quants.quantize(values, qtype)                                    # (out, in_bytes) uint8: bf16, q8_0, q4_0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,9 +134,9 @@ def bpe_vocab(folder):
         raise ValueError(f"{folder}/tokenizer.json: a {tj['model'].get('type')} model; only byte-level BPE exports")
     tokens = {i: t for t, i in tj["model"]["vocab"].items()}
     types = {i: NORMAL for i in tokens}
-    for a in tj.get("added_tokens", []):
-        tokens[a["id"]] = a["content"]
-        types[a["id"]] = CONTROL if a.get("special") else USER_DEFINED
+    for added in tj.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = CONTROL if added.get("special") else USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in tj["model"]["merges"]]  # "a b", rank order
     return tokens, types, None, merges, bpe_pre_tokenizer(tj.get("pre_tokenizer"))
 
@@ -189,26 +189,26 @@ def add_tokenizer(w, folder, vocab_size):
 # ----------------------------------------------------------------------------------------------------------------
 
 def add_metadata(w, model, folder, ftype):
-    a = model.args
-    ctx = a.max_seq_len
+    args = model.args
+    ctx = args.max_seq_len
     cfg_path = os.path.join(folder, "config.json")
     if os.path.exists(cfg_path):  # model.py caps max_seq_len at 8192; the file states what the model was trained for
         with open(cfg_path) as f:
             ctx = json.load(f).get("max_position_embeddings", ctx)
     w.add_name(os.path.basename(os.path.normpath(folder)))
     w.add_context_length(ctx)
-    w.add_embedding_length(a.dim)
-    w.add_block_count(a.n_layers)
-    w.add_feed_forward_length(a.hidden_dim)
-    w.add_head_count(a.n_heads)
-    w.add_head_count_kv(a.n_kv_heads)
-    if a.head_dim != a.dim // a.n_heads:  # llama.cpp assumes dim / n_heads unless told
-        w.add_key_length(a.head_dim)
-        w.add_value_length(a.head_dim)
-    w.add_rope_freq_base(a.rope_theta)
-    w.add_rope_dimension_count(a.head_dim)
-    w.add_layer_norm_rms_eps(a.norm_eps)
-    w.add_vocab_size(a.vocab_size)
+    w.add_embedding_length(args.dim)
+    w.add_block_count(args.n_layers)
+    w.add_feed_forward_length(args.hidden_dim)
+    w.add_head_count(args.n_heads)
+    w.add_head_count_kv(args.n_kv_heads)
+    if args.head_dim != args.dim // args.n_heads:  # llama.cpp assumes dim / n_heads unless told
+        w.add_key_length(args.head_dim)
+        w.add_value_length(args.head_dim)
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_rope_dimension_count(args.head_dim)
+    w.add_layer_norm_rms_eps(args.norm_eps)
+    w.add_vocab_size(args.vocab_size)
     w.add_file_type(ftype)
     if ftype not in (gguf.LlamaFileType.ALL_F32, gguf.LlamaFileType.MOSTLY_F16, gguf.LlamaFileType.MOSTLY_BF16):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)

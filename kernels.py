@@ -29,7 +29,7 @@ except ImportError:
 
 # The fused kernel keeps every row of x in registers: a decoding batch, not a prefill. Up to this many rows
 # Linear4bit takes it (quant.py: _use_fused); above, dequantize-then-matmul. 8 is an estimate of where the two
-# cross on a GPU (lesson 09), to be set from bench/dequant.py --decode-sweep once it runs on one.
+# cross on a GPU (lesson 09), to be set from bench/dequant.py --decode_sweep=True once it runs on one.
 MATVEC_MAX_ROWS = 8
 CHUNK = 2**18  # weights the torch twins rebuild at a time: a whole number of blocks for every blocksize
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what a weight is rebuilt in and x multiplied in
@@ -216,7 +216,7 @@ def matvec_triton(x, packed, state, bias=None):
     every SM several programs, each a shorter walk. Each slice writes fp32 partial sums, added here in a fixed
     order (a deterministic result, unlike atomic adds): the extra traffic is splits x M x N x 4 bytes, small
     next to the N x K / 2 bytes of the weight. The sum, the bias and the cast are three small launches more, a few
-    microseconds each; bench/dequant.py --decode-sweep times matvec_nf4 whole, so its crossover includes them.
+    microseconds each; bench/dequant.py --decode_sweep=True times matvec_nf4 whole, so its crossover includes them.
     """
     (M, K), N = x.shape, state.shape[0]
     x = x.contiguous()                                                         # (M, K)

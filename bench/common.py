@@ -25,7 +25,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root (model.py, quant.py, ...)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-DEFAULT_CHECKPOINT = os.path.join(ROOT, "checkpoints", "SmolLM2-135M-Instruct")
+from convert import BUNDLED_DIR  # noqa: E402
+DEFAULT_CHECKPOINT = os.path.join(ROOT, BUNDLED_DIR)  # the bundled SmolLM2, from wherever a bench is started
 RESULT_TAG = "BENCH_RESULT "  # a worker's last stdout line: this tag, then its measurements as JSON
 
 # The settings dequant.py, generate.py and train.py share: each merges them into its own settings block.
