@@ -101,8 +101,8 @@ def encode_tensor(w, qtype):
     if qtype == G.F32:
         return values
     if qtype == G.F16:
-        return values.astype(np.float16)                                    # round to nearest, as torch's .half()
-    return gguf.quants.quantize(values, qtype)                                    # (out, in_bytes) uint8: bf16, q8_0, q4_0
+        return values.astype(np.float16)                               # round to nearest, as torch's .half()
+    return gguf.quants.quantize(values, qtype)                         # (out, in_bytes) uint8: bf16, q8_0, q4_0
 
 
 # ----------------------------------------------------------------------------------------------------------------
