@@ -249,7 +249,7 @@ def prefill_shared(model, prompts, groups, extra):
     if all(len(m) == 1 for m in members.values()):  # nothing is shared: one plain pass
         idx, _ = left_pad(prompts, pad_id=0)
         model.setup_cache(B, T + extra, n_pad=n_pad)
-        return model.lm_head(model.hidden(idx.to(device), start_pos=0)[:, -1]), T, n_pad
+        return model.lm_head(model.hidden_states(idx.to(device), start_pos=0)[:, -1]), T, n_pad
     # 1. the shared prefixes: the longest common prefix of each group, at least one token short of every prompt
     prefixes = []
     for m in members.values():
@@ -263,7 +263,7 @@ def prefill_shared(model, prompts, groups, extra):
     idx_a, pad_a = left_pad(prefixes, pad_id=0)                                        # (G, T_a)
     T_a = idx_a.shape[1]
     model.setup_cache(len(prefixes), T_a, n_pad=pad_a)
-    model.hidden(idx_a.to(device), start_pos=0)
+    model.hidden_states(idx_a.to(device), start_pos=0)
     kept = [(layer.self_attn.cache_k, layer.self_attn.cache_v) for layer in model.model.layers]
     # 2. copy into the rows: row i's prefix starts at n_pad[i] here and started at T_a - shared[i] in pass 1
     model.setup_cache(B, T + extra, n_pad=n_pad)
@@ -280,7 +280,7 @@ def prefill_shared(model, prompts, groups, extra):
                 a.cache_v[i, :, s:s + n] = v_a[src[i], :, from_:from_ + n]
     # 3. the tails: the last L tokens of every prompt (left-padded where a prompt is shorter than L)
     idx_b, _ = left_pad([p[-L:] for p in prompts], pad_id=0)                           # (B, L)
-    return model.lm_head(model.hidden(idx_b.to(device), start_pos=T - L)[:, -1]), T, n_pad
+    return model.lm_head(model.hidden_states(idx_b.to(device), start_pos=T - L)[:, -1]), T, n_pad
 
 
 @torch.no_grad()
@@ -296,7 +296,7 @@ def _read_batch(model, tok, prompts, groups, na_ids, first_word, max_new_tokens)
         first = first.float().log_softmax(-1)                                                  # (B, vocab)
         device = first.device
         na = torch.tensor(na_ids, device=device).expand(B, K)                                  # (B, K)
-        rest = model.lm_head(model.hidden(na[:, :-1], start_pos=T)).float().log_softmax(-1)   # (B, K-1, vocab)
+        rest = model.lm_head(model.hidden_states(na[:, :-1], start_pos=T)).float().log_softmax(-1)  # (B, K-1, vocab)
         logp = torch.cat([first[:, None], rest], dim=1)        # (B, K, vocab): the choice before each phrase token
         on = logp.gather(-1, na[..., None])[..., 0]            # (B, K) log p of each phrase token
         na_score = on.sum(1)                                   # (B,)
@@ -329,7 +329,7 @@ def _read_batch(model, tok, prompts, groups, na_ids, first_word, max_new_tokens)
                 for layer in model.model.layers:
                     a = layer.self_attn
                     a.cache_k, a.cache_v, a.cache_pad = a.cache_k[keep], a.cache_v[keep], a.cache_pad[keep]
-            lp = model.lm_head(model.hidden(pick[:, None], start_pos=T + s)[:, -1]).float().log_softmax(-1)
+            lp = model.lm_head(model.hidden_states(pick[:, None], start_pos=T + s)[:, -1]).float().log_softmax(-1)
     finally:
         model.clear_cache()
     return [(out[b], ans_score[b].item(), na_score[b].item()) for b in range(B)]

@@ -205,7 +205,7 @@ class Llama(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def hidden(self, idx, start_pos=None):
+    def hidden_states(self, idx, start_pos=None):
         """idx: (B, T) token ids -> the final normalised hidden states (B, T, dim), before the output head.
         start_pos: generation only; the position of idx[:, 0] in the KV cache (see setup_cache)."""
         B, T = idx.shape
@@ -229,7 +229,7 @@ class Llama(nn.Module):
         positions are context; returns (logits (N, vocab) of those N positions, mean cross-entropy over them).
         start_pos: generation only; the position of idx[:, 0] in the KV cache (see setup_cache).
         """
-        x = self.hidden(idx, start_pos)                                    # (B, T, dim)
+        x = self.hidden_states(idx, start_pos)                             # (B, T, dim)
         if targets is None:
             return self.lm_head(x), None
         keep = targets != -100                                             # (B, T) bool
@@ -275,7 +275,7 @@ class Llama(nn.Module):
         try:
             # Only the last position's logits choose the next token: the head (vocab x dim, the largest
             # matrix of a small model) runs on one position per row, not on the whole prompt.
-            logits = self.lm_head(self.hidden(idx, start_pos=p0)[:, -1])       # prefill: (B, vocab)
+            logits = self.lm_head(self.hidden_states(idx, start_pos=p0)[:, -1])       # prefill: (B, vocab)
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
             for pos in range(p0 + T, total):
                 nxt = sample_next(logits, temperature, top_k, top_p)            # (B, 1)
@@ -285,7 +285,7 @@ class Llama(nn.Module):
                     if bool(done.all()):
                         break
                 if pos + 1 < total:
-                    logits = self.lm_head(self.hidden(nxt, start_pos=pos)[:, -1])  # (B, vocab)
+                    logits = self.lm_head(self.hidden_states(nxt, start_pos=pos)[:, -1])  # (B, vocab)
         finally:
             if own_cache:
                 self.clear_cache()
