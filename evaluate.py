@@ -249,7 +249,7 @@ def prefill_shared(model, prompts, groups, extra):
     if all(len(m) == 1 for m in members.values()):  # nothing is shared: one plain pass
         idx, _ = left_pad(prompts, pad_id=0)
         model.setup_cache(B, T + extra, n_pad=n_pad)
-        return model.lm_head(model.hidden_states(idx.to(device), start_pos=0)[:, -1]), T, n_pad
+        return model.last_logits(idx.to(device), start_pos=0), T, n_pad
     # 1. the shared prefixes: the longest common prefix of each group, at least one token short of every prompt
     prefixes = []
     for m in members.values():
@@ -280,7 +280,7 @@ def prefill_shared(model, prompts, groups, extra):
                 a.cache_v[i, :, s:s + n] = v_a[src[i], :, from_:from_ + n]
     # 3. the tails: the last L tokens of every prompt (left-padded where a prompt is shorter than L)
     idx_b, _ = left_pad([p[-L:] for p in prompts], pad_id=0)                           # (B, L)
-    return model.lm_head(model.hidden_states(idx_b.to(device), start_pos=T - L)[:, -1]), T, n_pad
+    return model.last_logits(idx_b.to(device), start_pos=T - L), T, n_pad
 
 
 @torch.no_grad()
@@ -329,7 +329,7 @@ def _read_batch(model, tok, prompts, groups, na_ids, first_word, max_new_tokens)
                 for layer in model.model.layers:
                     a = layer.self_attn
                     a.cache_k, a.cache_v, a.cache_pad = a.cache_k[keep], a.cache_v[keep], a.cache_pad[keep]
-            lp = model.lm_head(model.hidden_states(pick[:, None], start_pos=T + s)[:, -1]).float().log_softmax(-1)
+            lp = model.last_logits(pick[:, None], start_pos=T + s).float().log_softmax(-1)
     finally:
         model.clear_cache()
     return [(out[b], ans_score[b].item(), na_score[b].item()) for b in range(B)]

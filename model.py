@@ -239,6 +239,11 @@ class Llama(nn.Module):
 
     # --- generation ----------------------------------------------------------------------------------------------
 
+    def last_logits(self, idx, start_pos=None):
+        """idx: (B, T) -> the logits of the last position only (B, vocab): they alone choose the next token, so the
+        head (vocab x dim, the largest matrix of a small model) runs on one position per row, not on the whole prompt."""
+        return self.lm_head(self.hidden_states(idx, start_pos)[:, -1])
+
     def setup_cache(self, batch_size, max_len=None, dtype=None, device=None, n_pad=None):
         """Preallocate each layer's key/value cache once, so generation never reallocates or concatenates.
         n_pad: (batch_size,) padding tokens at the start of each row (see left_pad), hidden from attention."""
@@ -273,9 +278,7 @@ class Llama(nn.Module):
         if own_cache:
             self.setup_cache(B, total, n_pad=n_pad)
         try:
-            # Only the last position's logits choose the next token: the head (vocab x dim, the largest
-            # matrix of a small model) runs on one position per row, not on the whole prompt.
-            logits = self.lm_head(self.hidden_states(idx, start_pos=p0)[:, -1])       # prefill: (B, vocab)
+            logits = self.last_logits(idx, start_pos=p0)                       # prefill: (B, vocab)
             done = torch.zeros(B, dtype=torch.bool, device=idx.device)
             for pos in range(p0 + T, total):
                 nxt = sample_next(logits, temperature, top_k, top_p)            # (B, 1)
@@ -285,7 +288,7 @@ class Llama(nn.Module):
                     if bool(done.all()):
                         break
                 if pos + 1 < total:
-                    logits = self.lm_head(self.hidden_states(nxt, start_pos=pos)[:, -1])  # (B, vocab)
+                    logits = self.last_logits(nxt, start_pos=pos)              # (B, vocab)
         finally:
             if own_cache:
                 self.clear_cache()

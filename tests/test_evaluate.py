@@ -312,7 +312,7 @@ def test_shared_prefill_equals_plain_prefill(bundled_dir, tok):
         shared_k = model.model.layers[-1].self_attn.cache_k.clone()
         idx, pad = left_pad(prompts, pad_id=0)
         model.setup_cache(len(prompts), T + 4, n_pad=pad)
-        plain = model.lm_head(model.hidden_states(idx, start_pos=0)[:, -1])
+        plain = model.last_logits(idx, start_pos=0)
         plain_k = model.model.layers[-1].self_attn.cache_k
         model.clear_cache()
     assert torch.equal(n_pad, pad) and T == idx.shape[1]
