@@ -21,6 +21,7 @@ Real data sets carry a few broken rows (an empty question, an answer that is not
 We skip those rather than crash, count them by reason, and say so in one printed line.
 """
 
+import itertools
 import json
 import os
 import random
@@ -186,6 +187,11 @@ def qa_messages(context, question):
             {"role": "user", "content": f"متن: {context}\n\nپرسش: {question}"}]  # "Text: ...  Question: ..."
 
 
+def prompt_frame(tok, question):
+    """Tokens of a prompt around its passage: the chat template, the system prompt and the question."""
+    return len(tok.encode_chat(qa_messages("", question)))
+
+
 def completion_text(tok, messages, answer):
     """What the template writes after the prompt for this answer: e.g. 'answer<|im_end|>\\n' in ChatML."""
     prompt = tok.render_chat(messages, add_generation_prompt=True)
@@ -200,7 +206,29 @@ def completion_text(tok, messages, answer):
 MIN_PASSAGE_TOKENS = 32
 
 
-def passage_window(context, n_chars, rng, span=None):
+def shrink_to_fit(tok, context, question, budget, cut, tries=None):
+    """
+    The windowing under both kinds of window (fit_passage's for training, answer.py's reading_windows): the first
+    piece of `context` whose passage takes at most `budget` tokens of the prompt with this question.
+    cut(n_chars) makes a piece about n_chars characters long (None: it cannot). The first guess is the passage's own
+    characters per token, but they vary along a text: a piece that takes n > budget tokens is cut again,
+    n_chars * budget // n - 1 characters long. None after `tries` misses (None: no limit; every miss shrinks the
+    piece, and an empty piece fits).
+    """
+    frame = prompt_frame(tok, question)
+    n_chars = len(context) * budget // len(tok.encode(context))
+    for _ in itertools.count() if tries is None else range(tries):
+        piece = cut(n_chars)
+        if piece is None:
+            return None
+        n = len(tok.encode_chat(qa_messages(piece, question))) - frame
+        if n <= budget:
+            return piece
+        n_chars = n_chars * budget // n - 1
+    return None
+
+
+def training_window(context, n_chars, rng, span=None):
     """
     A piece of `context` at most n_chars long, cut at spaces. With span=(start, end) the piece contains
     context[start:end] whole; None if it cannot. The piece is placed at random (rng) among the positions
@@ -245,7 +273,7 @@ def fit_passage(tok, row, max_len, seed=0):
     n_answer = len(tok.encode(completion_text(tok, qa_messages(context, question), answer)))
     if len(tok.encode_chat(qa_messages(context, question))) + n_answer <= max_len + 1:
         return context, "whole", None
-    frame = len(tok.encode_chat(qa_messages("", question)))  # template + system prompt + question, no passage
+    frame = prompt_frame(tok, question)
     span = None
     if row["answers"]:
         a = context.find(answer)
@@ -256,16 +284,8 @@ def fit_passage(tok, row, max_len, seed=0):
     if budget < need_passage:
         return None, "dropped", need
     rng = random.Random(f"{seed}:{row['id']}")  # each row its own window, the same in every run
-    n_chars = len(context) * budget // len(tok.encode(context))  # characters per token varies: measure, retry
-    for _ in range(8):
-        window = passage_window(context, n_chars, rng, span)
-        if window is None:
-            break
-        n_window = len(tok.encode_chat(qa_messages(window, question))) - frame
-        if n_window <= budget:
-            return window, "windowed", need
-        n_chars = n_chars * budget // n_window - 1
-    return None, "dropped", need
+    window = shrink_to_fit(tok, context, question, budget, lambda n: training_window(context, n, rng, span), tries=8)
+    return (None, "dropped", need) if window is None else (window, "windowed", need)
 
 
 def passage_windows(tok, context, question, max_prompt_len, overlap=0.25):
@@ -276,32 +296,32 @@ def passage_windows(tok, context, question, max_prompt_len, overlap=0.25):
     front) or part of the passage (from the end). Neighbours share about `overlap` of a window, so an answer cut
     by one window's edge is whole in the next.
     """
-    frame = len(tok.encode_chat(qa_messages("", question)))
     if len(tok.encode_chat(qa_messages(context, question))) <= max_prompt_len:
         return [context]
+    frame = prompt_frame(tok, question)
     budget = max_prompt_len - frame
     if budget < MIN_PASSAGE_TOKENS:
         raise ValueError(f"a prompt of {max_prompt_len} tokens leaves {budget} for the passage after the template "
                          f"and this question ({frame} tokens); allow longer prompts (max_seq_len)")
-    n_chars = len(context) * budget // len(tok.encode(context))
     windows, start = [], 0
     while True:
-        size = n_chars
-        while True:  # shrink until this window fits (characters per token vary along the text)
-            end = min(start + size, len(context))
-            if end < len(context):
-                cut = context.rfind(" ", start + size // 2, end)  # end at a space, unless none is near
-                end = cut if cut != -1 else end
-            n = len(tok.encode_chat(qa_messages(context[start:end], question)))
-            if n <= max_prompt_len:
-                break
-            size = size * budget // (n - frame) - 1
-        windows.append(context[start:end].strip())
+        piece = shrink_to_fit(tok, context, question, budget, lambda size: _window_from(context, start, size))
+        end = start + len(piece)
+        windows.append(piece.strip())
         if end >= len(context):
             return windows
         nxt = end - int(overlap * (end - start))
         space = context.find(" ", nxt, end)  # start after a space: no half word at the front
         start = space + 1 if space != -1 else nxt
+
+
+def _window_from(context, start, size):
+    """context[start:start + size], ending at a space unless none is in its second half."""
+    end = min(start + size, len(context))
+    if end < len(context):
+        cut = context.rfind(" ", start + size // 2, end)
+        end = cut if cut != -1 else end
+    return context[start:end]
 
 
 def _encode_fitted(tok, row, text):
