@@ -288,42 +288,6 @@ def fit_passage(tok, row, max_len, seed=0):
     return (None, "dropped", need) if window is None else (window, "windowed", need)
 
 
-def passage_windows(tok, context, question, max_prompt_len, overlap=0.25):
-    """
-    The passage as overlapping windows, each fitting a prompt of at most max_prompt_len tokens with this question;
-    [context] when it fits whole. Evaluation reads a long passage this way, one prompt per window, and keeps the
-    most confident answer (evaluate.py): cutting the prompt instead would lose either the instructions (from the
-    front) or part of the passage (from the end). Neighbours share about `overlap` of a window, so an answer cut
-    by one window's edge is whole in the next.
-    """
-    if len(tok.encode_chat(qa_messages(context, question))) <= max_prompt_len:
-        return [context]
-    frame = prompt_frame(tok, question)
-    budget = max_prompt_len - frame
-    if budget < MIN_PASSAGE_TOKENS:
-        raise ValueError(f"a prompt of {max_prompt_len} tokens leaves {budget} for the passage after the template "
-                         f"and this question ({frame} tokens); allow longer prompts (max_seq_len)")
-    windows, start = [], 0
-    while True:
-        piece = shrink_to_fit(tok, context, question, budget, lambda size: _window_from(context, start, size))
-        end = start + len(piece)
-        windows.append(piece.strip())
-        if end >= len(context):
-            return windows
-        nxt = end - int(overlap * (end - start))
-        space = context.find(" ", nxt, end)  # start after a space: no half word at the front
-        start = space + 1 if space != -1 else nxt
-
-
-def _window_from(context, start, size):
-    """context[start:start + size], ending at a space unless none is in its second half."""
-    end = min(start + size, len(context))
-    if end < len(context):
-        cut = context.rfind(" ", start + size // 2, end)
-        end = cut if cut != -1 else end
-    return context[start:end]
-
-
 def _encode_fitted(tok, row, text):
     messages = qa_messages(text, row["question"])
     answer = row["answers"][0] if row["answers"] else NO_ANSWER

@@ -71,9 +71,10 @@ seed = 1337
 # -------------------------------------------------------------------------------------------------------------------
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))}
 
+from answer import best_threshold, decide, read  # noqa: E402
 from configurator import check_device, configure, resolve_dtype  # noqa: E402
 import data  # noqa: E402
-from evaluate import best_threshold, decide, read, score, summary, val_loss, write_metrics  # noqa: E402
+from evaluate import score, summary, val_loss, write_metrics  # noqa: E402
 from lora import apply_lora, lora_layers, save_adapter, trainable_report  # noqa: E402
 from model import Llama  # noqa: E402
 from optim import PagedAdamW  # noqa: E402

@@ -2,7 +2,7 @@
 How fast evaluate.py reads questions, with and without its two speed levers, on the same model and questions:
 
   passages read once   the questions on one passage share its prompt prefix (system prompt + passage); it is read
-                       once per batch and its keys rotated into every question's row (evaluate.prefill_shared)
+                       once per batch and its keys rotated into every question's row (answer.prefill_shared)
   first line only      a row stops at the end of its first non-empty line (only that line is scored) and then
                        leaves the batch, so what a rambling model writes after it costs no decoding steps
 
@@ -49,8 +49,8 @@ def main(argv=None):
     check_checkpoint(cfg["init_from"])
     set_threads(cfg["threads"])
 
+    import answer
     import data
-    import evaluate
     from model import Llama
     from tokenizer import Tokenizer
     model = Llama.from_pretrained(cfg["init_from"], dtype=getattr(torch, cfg["dtype"]), max_seq_len=1024).eval()
@@ -63,7 +63,7 @@ def main(argv=None):
           f"{cfg['init_from']}{' + ' + cfg['adapter'] if cfg['adapter'] else ''}, {cfg['dtype']}, "
           f"batch {cfg['batch_size']}, up to {cfg['max_new_tokens']} new tokens; {machine_note()}")
 
-    shared, tables = evaluate.prefill_shared, evaluate._line_end_tables
+    shared, tables = answer.prefill_shared, answer._line_end_tables
 
     def one_prompt_each(model, prompts, groups, extra):  # every prompt its own group: nothing shared
         return shared(model, prompts, list(range(len(prompts))), extra)
@@ -79,12 +79,12 @@ def main(argv=None):
     try:
         for rep in range(cfg["reps"]):
             for name, (prefill, stop) in variants.items():
-                evaluate.prefill_shared, evaluate._line_end_tables = prefill, stop
+                answer.prefill_shared, answer._line_end_tables = prefill, stop
                 t0 = time.perf_counter()
-                got[name] = evaluate.read(model, tok, rows, 1024, cfg["max_new_tokens"], cfg["batch_size"])
+                got[name] = answer.read(model, tok, rows, 1024, cfg["max_new_tokens"], cfg["batch_size"])
                 seconds[name].append((time.perf_counter() - t0) / len(rows))
     finally:
-        evaluate.prefill_shared, evaluate._line_end_tables = shared, tables
+        answer.prefill_shared, answer._line_end_tables = shared, tables
     first = median(seconds[next(iter(variants))])
     for name in variants:
         s = median(seconds[name])
