@@ -1,5 +1,5 @@
 """
-Reading a passage to answer a question, or to abstain: what a generative model is made to say for SQuAD v2 scoring.
+Reading a passage to answer a question, or to abstain: what a generative model says, ready for SQuAD v2 scoring.
 
 A model fine-tuned on our data answers with a span copied from the passage, or writes the no-answer phrase
 (data.NO_ANSWER). Greedy decoding would let the FIRST token choose between the two, and in a byte-level vocabulary
@@ -12,15 +12,16 @@ Both scores come out of one batched reading of each prompt (_read_batch):
   1. the no-answer phrase is fed in (teacher forcing): its log-probability, and at each of its tokens the most
      probable token that leaves it;
   2. the best answer leaves the phrase where that is most probable, then continues greedily to its end of turn.
-Step 2 is the best answer that is not the no-answer phrase, up to one greedy choice per token.
+Step 2 is the best answer that is not the no-answer phrase, up to one greedy choice per token. A passage longer
+than the prompt allows is read in overlapping windows, and the window most sure of an answer speaks for it: each
+question gets one candidate, its best answer and that answer's null_diff (read_passages).
 
 The threshold is chosen on validation questions, where the right decision is known: the one with the best F1
-(best_threshold). train.py stores it in the adapter's metrics.json; `python evaluate.py` uses it, untouched, on
-test questions. A passage longer than the prompt allows is read in overlapping windows (passage_windows), and
-the window most sure of an answer speaks for it.
+(choose_threshold). train.py stores it in the adapter's metrics.json, and `python evaluate.py` uses it, untouched,
+on test questions (abstain_above).
 
-Reading order: passage_windows -> the two scores (_no_answer_ids, prefill_shared, _read_batch) -> read, over
-all questions -> decide and best_threshold -> answer_questions, all of it scored as evaluate.py reports it.
+Reading order: reading_windows -> the two scores (_no_answer_ids, prefill_shared, _read_batch) -> read_passages
+-> abstain_above, choose_threshold -> answer_questions: all of it, scored as evaluate.py reports it.
 """
 
 from contextlib import nullcontext
@@ -32,11 +33,11 @@ from evaluate import answer_from_generation, f1_score, score
 from model import left_pad, rotate_half
 
 
-def passage_windows(tok, context, question, max_prompt_len, overlap=0.25):
+def reading_windows(tok, context, question, max_prompt_len, overlap=0.25):
     """
     The passage as overlapping windows, each fitting a prompt of at most max_prompt_len tokens with this question;
     [context] when it fits whole. Evaluation reads a long passage this way, one prompt per window, and keeps the
-    most confident answer (evaluate.py): cutting the prompt instead would lose either the instructions (from the
+    most confident answer (read_passages): cutting the prompt instead would lose either the instructions (from the
     front) or part of the passage (from the end). Neighbours share about `overlap` of a window, so an answer cut
     by one window's edge is whole in the next.
     """
@@ -215,12 +216,12 @@ def _read_batch(model, tok, prompts, groups, na_ids, first_word, max_new_tokens)
 
 
 @torch.no_grad()
-def read(model, tok, rows, max_prompt_len, max_new_tokens=48, batch_size=8, ctx=None, progress=False):
+def read_passages(model, tok, rows, max_prompt_len, max_new_tokens=48, batch_size=8, ctx=None, progress=False):
     """
-    Read every question: its passage in windows (data.passage_windows) when the whole prompt is longer than
-    max_prompt_len. Returns one dict per row: "answer" (the best answer text over its windows), "null_diff"
-    (log p(no answer) - log p(that answer), in the window most sure of an answer), "window" (its index) and
-    "windows". Prompts go batch_size at a time, left-padded (model.py: left_pad): a decoding step reads every
+    Read every question: its passage in windows (reading_windows) when the whole prompt is longer than
+    max_prompt_len. Returns one candidate per row, a dict: "answer" (the best answer text over its windows),
+    "null_diff" (log p(no answer) - log p(that answer), in the window most sure of an answer), "window" (its index)
+    and "windows". Prompts go batch_size at a time, left-padded (model.py: left_pad): a decoding step reads every
     weight once, whatever the number of rows. The questions on one passage (window) go together, so the passage
     is read once for all of them (prefill_shared), and passages of similar length go together, so the padding
     stays short.
@@ -229,7 +230,7 @@ def read(model, tok, rows, max_prompt_len, max_new_tokens=48, batch_size=8, ctx=
     model.eval()
     prompts, owner, window_of = [], [], []
     for i, r in enumerate(rows):
-        for w, text in enumerate(passage_windows(tok, r["context"], r["question"], max_prompt_len)):
+        for w, text in enumerate(reading_windows(tok, r["context"], r["question"], max_prompt_len)):
             prompts.append(tok.encode_chat(data.qa_messages(text, r["question"])))
             owner.append((i, w))
             window_of.append(text)
@@ -253,37 +254,37 @@ def read(model, tok, rows, max_prompt_len, max_new_tokens=48, batch_size=8, ctx=
         ids, ans_lp, na_lp = got[j]
         per_row[i].append({"answer": answer_from_generation(tok.decode(ids)), "null_diff": na_lp - ans_lp,
                            "window": w})
-    readings = []
+    candidates = []
     for windows in per_row:  # the window most sure of an answer speaks for the passage
-        best = min(windows, key=lambda r: r["null_diff"])
-        readings.append(dict(best, windows=len(windows)))
-    return readings
+        best = min(windows, key=lambda c: c["null_diff"])
+        candidates.append(dict(best, windows=len(windows)))
+    return candidates
 
 
-def decide(readings, threshold):
-    """Predictions: each reading's answer, or "" (abstain) where null_diff > threshold."""
-    return [r["answer"] if r["null_diff"] <= threshold else "" for r in readings]
+def abstain_above(candidates, threshold):
+    """Predictions: each question's candidate answer, or "" (abstain) where its null_diff > threshold."""
+    return [c["answer"] if c["null_diff"] <= threshold else "" for c in candidates]
 
 
-def best_threshold(readings, golds):
+def choose_threshold(candidates, golds):
     """The threshold with the best F1 on these questions (SQuAD v2's best_f1_thresh), found in one sorted pass:
     with the questions ordered by null_diff, a threshold answers a prefix of them and abstains on the rest."""
-    answer_f1 = [f1_score(r["answer"], g) for r, g in zip(readings, golds)]
+    answer_f1 = [f1_score(c["answer"], g) for c, g in zip(candidates, golds)]
     abstain_f1 = [f1_score("", g) for g in golds]
-    order = sorted(range(len(readings)), key=lambda i: readings[i]["null_diff"])
+    order = sorted(range(len(candidates)), key=lambda i: candidates[i]["null_diff"])
     total = best = sum(abstain_f1)  # threshold below every null_diff: abstain on all
-    threshold = readings[order[0]]["null_diff"] - 1.0 if order else 0.0
+    threshold = candidates[order[0]]["null_diff"] - 1.0 if order else 0.0
     for k, i in enumerate(order):
         total += answer_f1[i] - abstain_f1[i]
-        nxt = readings[order[k + 1]]["null_diff"] if k + 1 < len(order) else readings[i]["null_diff"] + 2.0
+        nxt = candidates[order[k + 1]]["null_diff"] if k + 1 < len(order) else candidates[i]["null_diff"] + 2.0
         if total > best + 1e-9:
-            best, threshold = total, (readings[i]["null_diff"] + nxt) / 2  # halfway to the next question
+            best, threshold = total, (candidates[i]["null_diff"] + nxt) / 2  # halfway to the next question
     return threshold
 
 
 def answer_questions(model, tok, rows, cfg, ctx=None, threshold=0.0, progress=False):
-    """Read and decide in one call: (score dict, predictions, readings), as `python evaluate.py` reports them."""
-    readings = read(model, tok, rows, cfg["max_seq_len"], cfg["max_new_tokens"],
-                    cfg.get("eval_batch_size") or cfg["batch_size"], ctx, progress)
-    preds = decide(readings, threshold)
-    return score(preds, [r["answers"] for r in rows], [r["context"] for r in rows]), preds, readings
+    """Read and abstain in one call: (score dict, predictions, candidates), as `python evaluate.py` reports them."""
+    candidates = read_passages(model, tok, rows, cfg["max_seq_len"], cfg["max_new_tokens"],
+                               cfg.get("eval_batch_size") or cfg["batch_size"], ctx, progress)
+    preds = abstain_above(candidates, threshold)
+    return score(preds, [r["answers"] for r in rows], [r["context"] for r in rows]), preds, candidates

@@ -261,20 +261,20 @@ def main(argv=None):
 
     t0 = time.time()
     try:
-        s, preds, readings = answer_questions(model, tok, rows, {**cfg, "max_seq_len": max_len}, None, threshold,
-                                              progress=True)
+        s, preds, candidates = answer_questions(model, tok, rows, {**cfg, "max_seq_len": max_len}, None, threshold,
+                                                progress=True)
     except ValueError as e:  # a question so long that no window of passage fits next to it
         sys.exit(f"error: {e}")
     baseline = score([""] * len(rows), [r["answers"] for r in rows])  # what answering nothing at all scores
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "predictions.jsonl"), "w", encoding="utf-8") as f:
-        for row, pred, rd in zip(rows, preds, readings):
+        for row, pred, c in zip(rows, preds, candidates):
             f.write(json.dumps({"id": row["id"], "question": row["question"], "answers": row["answers"],
                                 "prediction": pred, "em": exact_match(pred, row["answers"]),
                                 "f1": f1_score(pred, row["answers"]),
                                 "found_in_passage": found_in_passage(pred, row["context"]),
-                                "best_answer": rd["answer"], "null_diff": rd["null_diff"],
-                                "window": rd["window"], "windows": rd["windows"]}, ensure_ascii=False) + "\n")
+                                "best_answer": c["answer"], "null_diff": c["null_diff"],
+                                "window": c["window"], "windows": c["windows"]}, ensure_ascii=False) + "\n")
     metrics = {**s, "null_threshold": threshold, "always_no_answer": {"exact_match": baseline["exact_match"],
                "f1": baseline["f1"]}, "data": cfg["data"], "model": base, "adapter": cfg["adapter"],
                "max_seq_len": max_len, "seconds": round(time.time() - t0, 1)}

@@ -71,7 +71,7 @@ seed = 1337
 # -------------------------------------------------------------------------------------------------------------------
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))}
 
-from answer import best_threshold, decide, read  # noqa: E402
+from answer import abstain_above, choose_threshold, read_passages  # noqa: E402
 from configurator import check_device, configure, resolve_dtype  # noqa: E402
 import data  # noqa: E402
 from evaluate import score, summary, val_loss, write_metrics  # noqa: E402
@@ -429,8 +429,8 @@ def main(argv=None):
     def read_all(rows, progress=False):
         """Readings (evaluate.py: read) of all rows, in order, each process reading its share."""
         mine = rows[rank::world]
-        mine = read(raw_model, tok, mine, cfg["max_seq_len"], cfg["max_new_tokens"],
-                    cfg["eval_batch_size"] or cfg["batch_size"], ctx, progress and master) if mine else []
+        mine = read_passages(raw_model, tok, mine, cfg["max_seq_len"], cfg["max_new_tokens"],
+                             cfg["eval_batch_size"] or cfg["batch_size"], ctx, progress and master) if mine else []
         if world == 1:
             return mine
         parts = [None] * world
@@ -453,8 +453,9 @@ def main(argv=None):
         (evaluate.py: best_threshold): the model's best use of its own scores, before and after alike."""
         readings = read_all(eval_rows)
         golds = [r["answers"] for r in eval_rows]
-        threshold = best_threshold(readings, golds)
-        s = dict(score(decide(readings, threshold), golds, [r["context"] for r in eval_rows]), null_threshold=threshold)
+        threshold = choose_threshold(readings, golds)
+        s = dict(score(abstain_above(readings, threshold), golds, [r["context"] for r in eval_rows]),
+                 null_threshold=threshold)
         if master:
             print(f"{when} ({len(eval_rows)} validation questions, abstaining above null_diff {threshold:.2f}): "
                   f"{summary(s)}")
@@ -466,7 +467,7 @@ def main(argv=None):
         reading, whatever it decides)."""
         readings = read_all(test_rows, progress=True)
         golds, contexts = [r["answers"] for r in test_rows], [r["context"] for r in test_rows]
-        preds = decide(readings, threshold)
+        preds = abstain_above(readings, threshold)
         s = score(preds, golds, contexts)
         every = score([r["answer"] for r in readings], golds, contexts)
         s.update(null_threshold=threshold, answering_all={k: every[k] for k in ("has_answer_f1", "answered", "invented")},

@@ -81,7 +81,7 @@ def main(argv=None):
             for name, (prefill, stop) in variants.items():
                 answer.prefill_shared, answer._line_end_tables = prefill, stop
                 t0 = time.perf_counter()
-                got[name] = answer.read(model, tok, rows, 1024, cfg["max_new_tokens"], cfg["batch_size"])
+                got[name] = answer.read_passages(model, tok, rows, 1024, cfg["max_new_tokens"], cfg["batch_size"])
                 seconds[name].append((time.perf_counter() - t0) / len(rows))
     finally:
         answer.prefill_shared, answer._line_end_tables = shared, tables

@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from answer import _no_answer_ids, _shift_keys, best_threshold, decide, passage_windows, prefill_shared, read
+from answer import (_no_answer_ids, _shift_keys, abstain_above, choose_threshold, prefill_shared, read_passages,
+                    reading_windows)
 from evaluate import answer_from_generation, score
 
 SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "persian_qa_sample.jsonl")
@@ -14,17 +15,17 @@ SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 # --- abstaining by score: the threshold -----------------------------------------------------------------
 
-def test_decide_and_best_threshold_by_hand():
-    readings = [{"answer": "تهران", "null_diff": -3.0},    # sure, right           (gold: تهران)
-                {"answer": "اصفهان", "null_diff": -1.0},   # fairly sure, wrong    (gold: none)
-                {"answer": "مشهد", "null_diff": 0.5},      # unsure, right         (gold: مشهد)
-                {"answer": "یزد", "null_diff": 2.0}]       # abstains, and should  (gold: none)
+def test_abstain_above_and_choose_threshold_by_hand():
+    candidates = [{"answer": "تهران", "null_diff": -3.0},    # sure, right           (gold: تهران)
+                  {"answer": "اصفهان", "null_diff": -1.0},   # fairly sure, wrong    (gold: none)
+                  {"answer": "مشهد", "null_diff": 0.5},      # unsure, right         (gold: مشهد)
+                  {"answer": "یزد", "null_diff": 2.0}]       # abstains, and should  (gold: none)
     golds = [["تهران"], [], ["مشهد"], []]
-    assert decide(readings, 0.0) == ["تهران", "اصفهان", "", ""]
+    assert abstain_above(candidates, 0.0) == ["تهران", "اصفهان", "", ""]
     # F1 by threshold: below -3: 0+1+0+1 = 2; (-3,-1): 1+1+0+1 = 3; (-1,0.5): 1+0+0+1 = 2;
     # (0.5,2): 1+0+1+1 = 3; above 2: 1+0+1+0 = 2. The first best, halfway between -3 and -1, is kept.
-    t = best_threshold(readings, golds)
-    assert t == -2.0 and score(decide(readings, t), golds)["f1"] == 75.0
+    t = choose_threshold(candidates, golds)
+    assert t == -2.0 and score(abstain_above(candidates, t), golds)["f1"] == 75.0
 
 
 # --- reading long passages in windows -------------------------------------------------------------------
@@ -35,12 +36,12 @@ def tok(bundled_dir):
     return Tokenizer(bundled_dir)
 
 
-def test_passage_windows_cover_the_passage_and_fit(tok):
+def test_reading_windows_cover_the_passage_and_fit(tok):
     from data import qa_messages
     words = ["ایران", "کوه", "رود", "شهر", "تاریخ", "مردم", "دریا", "کتاب", "سال", "بزرگ"]
     context = " ".join(words[(i * 7) % 10] + str(i) for i in range(400))  # every word unique: coverage is checkable
     question = "کدام کوه بلندتر است؟"
-    windows = passage_windows(tok, context, question, 300)
+    windows = reading_windows(tok, context, question, 300)
     assert len(windows) >= 3
     for w in windows:
         assert len(tok.encode_chat(qa_messages(w, question))) <= 300 and w in context
@@ -49,12 +50,12 @@ def test_passage_windows_cover_the_passage_and_fit(tok):
     assert starts[0] == 0 and ends[-1] == len(context)
     assert all(s < e_prev for s, e_prev in zip(starts[1:], ends))          # neighbours overlap: no gap
     assert all(context[s - 1] == " " for s in starts[1:])                  # cut at spaces
-    assert passage_windows(tok, "تهران پایتخت ایران است.", question, 300) == ["تهران پایتخت ایران است."]
+    assert reading_windows(tok, "تهران پایتخت ایران است.", question, 300) == ["تهران پایتخت ایران است."]
     with pytest.raises(ValueError, match="leaves"):
-        passage_windows(tok, context, question, 90)
+        reading_windows(tok, context, question, 90)
 
 
-def test_read_scores_equal_teacher_forced_log_probs(tiny_dir, tok):
+def test_read_passages_scores_equal_teacher_forced_log_probs(tiny_dir, tok):
     """The cached, batched reading of answer.py against the plain definition: a full forward pass over
     prompt + continuation, per question alone. Both scores, and the answer's construction (the no-answer
     phrase up to the turn-off point, the best token off it, then greedy), are checked."""
@@ -64,10 +65,10 @@ def test_read_scores_equal_teacher_forced_log_probs(tiny_dir, tok):
     model = Llama.from_pretrained(tiny_dir, max_seq_len=1024).eval()
     rows, _ = data.load_qa_rows(SAMPLE)
     rows = rows[:5]
-    readings = read(model, tok, rows, max_prompt_len=512, max_new_tokens=10, batch_size=3)
+    candidates = read_passages(model, tok, rows, max_prompt_len=512, max_new_tokens=10, batch_size=3)
     na, first_word = _no_answer_ids(tok)
     assert first_word == 6  # «پاسخ»: four letters in six byte-level tokens
-    for row, r in zip(rows, readings):
+    for row, r in zip(rows, candidates):
         prompt = tok.encode_chat(data.qa_messages(row["context"], row["question"]))
 
         def logprobs(cont):  # log p of each token of cont after prompt, and the distributions
@@ -94,14 +95,14 @@ def test_read_scores_equal_teacher_forced_log_probs(tiny_dir, tok):
 
 
 def test_batched_reading_equals_one_at_a_time(bundled_dir, tok):
-    """Left-padded batches (answer.read) give each question the reading it gets alone, on the real model."""
+    """Left-padded batches (answer.read_passages) give each question the reading it gets alone, on the real model."""
     import data
     from model import Llama
     model = Llama.from_pretrained(bundled_dir, max_seq_len=512)
     rows, _ = data.load_qa_rows(SAMPLE)
     rows = rows[:5]
-    one = read(model, tok, rows, 400, max_new_tokens=12, batch_size=1)
-    together = read(model, tok, rows, 400, max_new_tokens=12, batch_size=5)
+    one = read_passages(model, tok, rows, 400, max_new_tokens=12, batch_size=1)
+    together = read_passages(model, tok, rows, 400, max_new_tokens=12, batch_size=5)
     for a, b in zip(one, together):
         # rows padded to another length multiply other shapes: scores agree to rounding; the texts agree
         # unless a near tie flips a greedy pick, which would move null_diff by far more than this bound
