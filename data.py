@@ -208,12 +208,11 @@ MIN_PASSAGE_TOKENS = 32
 
 def shrink_to_fit(tok, context, question, budget, cut, tries=None):
     """
-    The windowing under both kinds of window (fit_passage's for training, answer.py's reading_windows): the first
-    piece of `context` whose passage takes at most `budget` tokens of the prompt with this question.
-    cut(n_chars) makes a piece about n_chars characters long (None: it cannot). The first guess is the passage's own
-    characters per token, but they vary along a text: a piece that takes n > budget tokens is cut again,
-    n_chars * budget // n - 1 characters long. None after `tries` misses (None: no limit; every miss shrinks the
-    piece, and an empty piece fits).
+    The windowing under both kinds of window (training_window here, answer.py's reading_windows): the first piece
+    of `context`, cut(n_chars) about n_chars characters long, whose passage takes at most `budget` tokens of the
+    prompt. n_chars starts at the passage's own characters per token; they vary along a text, so a piece taking
+    n > budget tokens is cut again n_chars * budget // n - 1 long. None when cut gives None or after `tries` misses
+    (None: no limit; every miss shrinks the piece, and an empty piece fits).
     """
     frame = prompt_frame(tok, question)
     n_chars = len(context) * budget // len(tok.encode(context))
