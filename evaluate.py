@@ -17,13 +17,35 @@ inside words like «کتاب‌ها». Without normalisation a correct answer wr
 so normalize_answer folds all of these to one form before comparing.
 """
 
+import json
+import os
 import string
+import sys
+import time
 import unicodedata
 from collections import Counter
 
 import torch
 
-import data
+# -- settings of the command at the bottom (defaults; override with --key=value, see configurator.py) -------------
+init_from = ""               # checkpoint folder; "" -> the adapter's base model, else the bundled SmolLM2
+adapter = ""                 # a LoRA adapter folder (a train.py out_dir), or "" for the model alone
+test_data = "data/persian_qa_heldout.jsonl"  # the QA file to score
+test_limit = 0               # score only the first N questions (0: all)
+out_dir = ""                 # where predictions.jsonl and metrics.json go; "" -> eval/<adapter or model name>
+quantize = "none"            # "nf4": a 4-bit base, as QLoRA trains it
+max_seq_len = 0              # longest prompt; longer passages are read in windows. 0 -> what the adapter was
+                             # trained with (its config.json), else 1024
+max_new_tokens = 48
+batch_size = 8               # prompts read at once
+null_threshold = ""          # abstain when log p(no answer) - log p(answer) is above it; "" -> the one train.py
+                             # chose on validation data (the adapter's metrics.json), else 0
+device = "cuda" if torch.cuda.is_available() else "cpu"
+dtype = "auto"               # bfloat16 where this device computes it natively, else float32
+# -------------------------------------------------------------------------------------------------------------------
+settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
+
+import data  # noqa: E402
 
 # One form per letter. Arabic ye/alef maksura and kaf become the Persian letters; teh marbuta and
 # heh-with-hamza become plain heh (the hamza of the Persian ezafe, «خانهٔ», is optional in writing).
@@ -196,40 +218,18 @@ def write_metrics(path, metrics):
 
 # ----------------------------------------------------------------------------------------------------------------
 # The command:
-#   python evaluate.py --adapter=out/quickstart --data=data/persian_qa_heldout.jsonl [--limit=N] [--out=DIR]
-# scores a base model, a base + adapter, or a merged model on a QA file, and writes every prediction down.
+#   python evaluate.py --adapter=out/quickstart --test_data=data/persian_qa_heldout.jsonl [--test_limit=N]
+# scores a base model, a base + adapter, or a merged model on a QA file, and writes every prediction down
+# (in out_dir). Reading and abstaining are answer.py's: the one place this file reaches it.
 
 def main(argv=None):
-    import json
-    import os
-    import sys
-    import time
-
     from answer import answer_questions
     from configurator import check_device, configure, resolve_dtype
-    from model import Llama
-    from sample import base_folder
+    from lora import load_model
     from tokenizer import Tokenizer
 
-    settings = dict(
-        init_from="",            # checkpoint folder; "" -> the adapter's base model, else the bundled SmolLM2
-        adapter="",              # a LoRA adapter folder (a train.py out_dir), or "" for the model alone
-        data="data/persian_qa_heldout.jsonl",
-        limit=0,                 # score only the first N questions (0: all)
-        out="",                  # where predictions.jsonl and metrics.json go; "" -> eval/<adapter or model name>
-        quantize="none",         # "nf4": a 4-bit base, as QLoRA trains it
-        max_seq_len=0,           # longest prompt; longer passages are read in windows. 0 -> what the adapter was
-                                 # trained with (its config.json), else 1024
-        max_new_tokens=48,
-        batch_size=8,            # prompts read at once
-        null_threshold="",       # abstain when log p(no answer) - log p(answer) is above it; "" -> the one
-                                 # train.py chose on validation data (the adapter's metrics.json), else 0
-        device="cuda" if torch.cuda.is_available() else "cpu",
-        dtype="auto",            # auto: bfloat16 where this device computes it natively, else float32
-    )
     cfg = configure(settings, argv)
     check_device(cfg["device"])
-    base = base_folder(cfg["init_from"], cfg["adapter"])  # as sample.py and export.py find it
     trained = {}
     for name in ("config.json", "metrics.json") if cfg["adapter"] else ():  # how it was trained, the threshold
         path = os.path.join(cfg["adapter"], name)
@@ -243,20 +243,16 @@ def main(argv=None):
         sys.exit(f"error: null_threshold must be a number, got {threshold!r}")
     max_len = cfg["max_seq_len"] or (trained.get("config.json") or {}).get("max_seq_len") or 1024
     try:
-        rows, _ = data.load_qa_rows(cfg["data"])
+        rows, _ = data.load_qa_rows(cfg["test_data"])
         dtype = resolve_dtype(cfg["dtype"], cfg["device"])
-        model = Llama.from_pretrained(base, dtype=dtype, device=cfg["device"],
-                                      max_seq_len=max_len + cfg["max_new_tokens"] + 64,
-                                      quantize=None if cfg["quantize"] == "none" else cfg["quantize"])
-        if cfg["adapter"]:
-            from lora import load_adapter
-            load_adapter(model, cfg["adapter"])
+        model, base = load_model(cfg["init_from"], cfg["adapter"], cfg["quantize"], dtype, cfg["device"],
+                                 max_seq_len=max_len + cfg["max_new_tokens"] + 64)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    rows = rows[:cfg["limit"]] if cfg["limit"] else rows
+    rows = rows[:cfg["test_limit"]] if cfg["test_limit"] else rows
     tok = Tokenizer(base)
-    out = cfg["out"] or os.path.join("eval", os.path.basename(os.path.normpath(cfg["adapter"] or base)))
-    print(f"{len(rows)} questions from {cfg['data']}; {'adapter ' + cfg['adapter'] + ' on ' if cfg['adapter'] else ''}"
+    out = cfg["out_dir"] or os.path.join("eval", os.path.basename(os.path.normpath(cfg["adapter"] or base)))
+    print(f"{len(rows)} questions from {cfg['test_data']}; {'adapter ' + cfg['adapter'] + ' on ' if cfg['adapter'] else ''}"
           f"{base} ({str(dtype).replace('torch.', '')}); prompts up to {max_len} tokens; null threshold {threshold:g}")
 
     t0 = time.time()
@@ -276,7 +272,7 @@ def main(argv=None):
                                 "best_answer": c["answer"], "null_diff": c["null_diff"],
                                 "window": c["window"], "windows": c["windows"]}, ensure_ascii=False) + "\n")
     metrics = {**s, "null_threshold": threshold, "always_no_answer": {"exact_match": baseline["exact_match"],
-               "f1": baseline["f1"]}, "data": cfg["data"], "model": base, "adapter": cfg["adapter"],
+               "f1": baseline["f1"]}, "data": cfg["test_data"], "model": base, "adapter": cfg["adapter"],
                "max_seq_len": max_len, "seconds": round(time.time() - t0, 1)}
     write_metrics(os.path.join(out, "metrics.json"), metrics)
     print(summary(s))

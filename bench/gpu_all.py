@@ -74,7 +74,7 @@ def steps(cfg):
         ("resume", [PY, "train.py", f"--out_dir={run_dir}", "--init_from=resume", "--max_iters=4"], 30,
          ("step 4:", "held-out test", "peak memory:")),
         ("evaluate", [PY, "evaluate.py", f"--adapter={run_dir}", "--quantize=nf4", f"--device={device}",
-                      f"--limit={2 * n}", f"--max_new_tokens={2 * n}", f"--out={os.path.join(out, 'eval')}"],
+                      f"--test_limit={2 * n}", f"--max_new_tokens={2 * n}", f"--out_dir={os.path.join(out, 'eval')}"],
          45, ("EM ",)),
         ("torchrun", [PY, "-m", "torch.distributed.run", "--nproc_per_node=1", f"--master_port={cfg['master_port']}",
                       "train.py", *train_args, f"--out_dir={os.path.join(out, 'torchrun')}", "--max_iters=2",

@@ -141,8 +141,8 @@ def test_found_in_passage_and_invented_rate():
 # --- the command ----------------------------------------------------------------------------------------
 
 def test_evaluate_command_writes_predictions_and_metrics(tiny_dir, tmp_path, capsys):
-    """python evaluate.py --adapter=DIR --data=FILE --limit=N --out=DIR, on a tiny model: the threshold and the
-    prompt length come from the adapter folder (as train.py leaves it), every prediction is written down."""
+    """python evaluate.py --adapter=DIR --test_data=FILE --test_limit=N --out_dir=DIR, on a tiny model: the threshold
+    and the prompt length come from the adapter folder (as train.py leaves it), every prediction is written down."""
     import json
 
     import evaluate
@@ -154,7 +154,7 @@ def test_evaluate_command_writes_predictions_and_metrics(tiny_dir, tmp_path, cap
     (adapter / "metrics.json").write_text(json.dumps({"null_threshold": 1.5}))
     (adapter / "config.json").write_text(json.dumps({"max_seq_len": 300}))
     heldout = os.path.join(os.path.dirname(SAMPLE), "persian_qa_heldout.jsonl")
-    evaluate.main([f"--adapter={adapter}", f"--data={heldout}", "--limit=3", f"--out={tmp_path / 'ev'}",
+    evaluate.main([f"--adapter={adapter}", f"--test_data={heldout}", "--test_limit=3", f"--out_dir={tmp_path / 'ev'}",
                    "--max_new_tokens=4", "--dtype=float32"])
     out = capsys.readouterr().out.splitlines()
     assert out[0] == (f"3 questions from {heldout}; adapter {adapter} on {tiny_dir} (float32); "
@@ -174,7 +174,7 @@ def test_evaluate_command_writes_predictions_and_metrics(tiny_dir, tmp_path, cap
 def test_evaluate_command_bad_input(tiny_dir, tmp_path):
     import evaluate
     with pytest.raises(SystemExit, match="no QA data file"):
-        evaluate.main([f"--init_from={tiny_dir}", f"--data={tmp_path / 'nope.jsonl'}"])
+        evaluate.main([f"--init_from={tiny_dir}", f"--test_data={tmp_path / 'nope.jsonl'}"])
     with pytest.raises(SystemExit, match="not found. Create it with: python prepare.py"):
         evaluate.main([f"--init_from={tmp_path / 'nope'}"])
     with pytest.raises(SystemExit, match="null_threshold must be a number"):
