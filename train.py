@@ -13,7 +13,6 @@ import json
 import math
 import os
 import random
-import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -74,7 +73,8 @@ settings = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 from configurator import check_device, configure, resolve_dtype  # noqa: E402
 import data  # noqa: E402
 from evaluate import best_threshold, decide, read, score, summary, val_loss, write_metrics  # noqa: E402
-from lora import apply_lora, lora_layers, save_adapter, trainable_report  # noqa: E402
+from lora import apply_lora, save_adapter, trainable_report  # noqa: E402
+from memory import give_back_freed_memory, gib, memory_estimate, peak_memory, resident_memory  # noqa: E402
 from model import Llama  # noqa: E402
 from optim import PagedAdamW  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -99,51 +99,6 @@ def get_lr(it, cfg, total):
     return low + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg["learning_rate"] - low)
 
 
-def memory_estimate(model, n_trainable, cfg, act_bytes, resident=0):
-    """
-    Bytes the run needs on the training device, from the transformer math of the notes:
-      process      on a CPU, what the process holds before it loads anything (resident: its RSS then): Python and
-                   torch's libraries. Measured, because no rule predicts it; on a GPU the measurement is allocated
-                   memory, which holds none of it.
-      weights      what the model holds (a 4-bit weight counts its packed bytes and its scales)
-      lora         trainable parameters, fp32: 4 bytes each; their gradients another 4
-      optimizer    Adam keeps two fp32 moments: 8 bytes per trainable parameter (paged: in CPU memory instead)
-      activations  what one of our blocks keeps for backward, per token per unit of width, as lesson 12 measures it
-                   with LoRA on every linear layer: 44 bytes under autocast, 34 for bf16 weights without autocast
-                   (the rule of thumb's 34), 77 in fp32 (attention scores are not stored: SDPA recomputes them);
-                   gradient checkpointing keeps only each layer's input, plus one layer's full set while it is
-                   recomputed.
-      lora_inputs  copies of their input that LoRA layers keep, T * B * (sum of the LoRA layers' input widths) * bytes:
-                   under autocast (16-bit on a GPU) the frozen layer's input is shared, and only dropout makes a copy
-                   (16-bit, plus a 1-byte mask); without autocast A and B are fp32, so next to 16-bit weights (bf16
-                   on a CPU) every LoRA layer keeps an fp32 copy of its input, and with dropout a dropped fp32 copy
-                   (plus the mask, a 4-byte float on a CPU). One layer's share with checkpointing.
-    """
-    a = model.args
-    # Each storage once (a tied head is the embedding), trainable tensors excluded (they are the "lora" line).
-    trainable = {p.untyped_storage().data_ptr() for p in model.parameters() if p.requires_grad}
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
-    weights = sum(n for ptr, n in storages.items() if ptr not in trainable)
-    tokens = cfg["batch_size"] * cfg["max_seq_len"]
-    on_gpu, dropout = str(cfg["device"]).startswith("cuda"), cfg["lora_dropout"] > 0
-    autocast = on_gpu and act_bytes == 2                         # train.py's rule, in main()
-    # Under autocast each RMSNorm keeps an fp32 copy of its input and autocast keeps its casts: 44, not 34.
-    kept = 77 if act_bytes == 4 else (44 if autocast else 34)    # bytes per token per dim per layer (lesson 12)
-    per_layer = kept * tokens * a.dim
-    acts = (a.n_layers * tokens * a.dim * act_bytes + per_layer) if cfg["gradient_checkpointing"] \
-        else a.n_layers * per_layer
-    lora_in = sum(m.lora_A.in_features for _, m in lora_layers(model))  # all layers' LoRA input widths, summed
-    mask = (1 if on_gpu else 4) if dropout else 0
-    copy = (2 if dropout else 0) if autocast else (4 if dropout or act_bytes == 2 else 0)
-    lora_inputs = tokens * lora_in * (copy + mask)
-    est = {"process": resident} if resident else {}
-    est |= {"weights": weights, "lora": 4 * n_trainable, "gradients": 4 * n_trainable,
-           "optimizer": 0 if cfg["optimizer"] == "paged_adamw" else 8 * n_trainable, "activations": acts,
-           "lora_inputs": lora_inputs / a.n_layers if cfg["gradient_checkpointing"] else lora_inputs}
-    est["total"] = sum(est.values())
-    return est
-
-
 def optimizer_step(opt, params, grad_clip, scaler=None):
     """
     One update, or none when a gradient is inf or NaN: the step is then skipped and its gradients dropped, as
@@ -162,40 +117,6 @@ def optimizer_step(opt, params, grad_clip, scaler=None):
         opt.step()
     opt.zero_grad(set_to_none=True)
     return stepped
-
-
-def gib(n):
-    return f"{n / 2**30:.2f} GiB"
-
-
-def peak_memory(device):
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def resident_memory():
-    """The process's resident memory now, in bytes (Linux; 0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
-
-
-def give_back_freed_memory():
-    """
-    On a CPU, make freed tensors leave the process. glibc's malloc serves big blocks with mmap and unmaps them on
-    free, but after the first such free it raises that threshold (up to 32 MiB) and later blocks come from the heap,
-    which keeps freed memory for reuse: the measured peak then grows with every step's differently sized
-    activations (5.9 GiB against 2.0 estimated in an earlier quickstart). A fixed 1 MiB threshold keeps the
-    dynamic rule off, so the peak is what one step really holds (lesson 12 measures both).
-    """
-    import ctypes
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass  # not glibc (macOS, musl): nothing to set
 
 
 def rng_state(device):
