@@ -164,21 +164,6 @@ def summary(s):
 # ----------------------------------------------------------------------------------------------------------------
 # Scoring a model: the loss on held-out answers (train.py), and answers it writes itself.
 
-@torch.no_grad()
-def val_loss(model, examples, cfg, pad_id, ctx):
-    """Mean loss per answer token over the whole validation set."""
-    model.eval()
-    total, count = 0.0, 0
-    for b in range(0, len(examples), cfg["batch_size"]):
-        idx, targets = data.collate(examples, list(range(b, min(b + cfg["batch_size"], len(examples)))), pad_id)
-        n = int((targets != -100).sum())
-        with ctx:
-            _, loss = model(idx.to(cfg["device"]), targets.to(cfg["device"]))
-        total, count = total + loss.item() * n, count + n
-    model.train()
-    return total / max(count, 1)
-
-
 # Answering, or not. Greedy decoding lets the FIRST token decide whether the model abstains, and in a byte-level
 # vocabulary that token is one byte shared by the no-answer phrase and a quarter of all Persian words. SQuAD v2 systems
 # decide instead by comparing two whole scores: the best answer's and the "no answer" one's, abstaining when

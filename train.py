@@ -72,7 +72,7 @@ settings = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 
 from configurator import check_device, configure, resolve_dtype  # noqa: E402
 import data  # noqa: E402
-from evaluate import best_threshold, decide, read, score, summary, val_loss, write_metrics  # noqa: E402
+from evaluate import best_threshold, decide, read, score, summary, write_metrics  # noqa: E402
 from lora import apply_lora, save_adapter, trainable_report  # noqa: E402
 from memory import give_back_freed_memory, gib, memory_estimate, peak_memory, resident_memory  # noqa: E402
 from model import Llama  # noqa: E402
@@ -151,6 +151,21 @@ def save_checkpoint(out_dir, model, opt, cfg, base, pos, history, scaler=None):
     save_adapter(model, out_dir, base_model_name_or_path=base)
     atomic_write(os.path.join(out_dir, "config.json"),
                  lambda p: open(p, "w").write(json.dumps(cfg, indent=2, default=list) + "\n"))
+
+
+@torch.no_grad()
+def val_loss(model, examples, cfg, pad_id, ctx):
+    """Mean loss per answer token over the whole validation set."""
+    model.eval()
+    total, count = 0.0, 0
+    for b in range(0, len(examples), cfg["batch_size"]):
+        idx, targets = data.collate(examples, list(range(b, min(b + cfg["batch_size"], len(examples)))), pad_id)
+        n = int((targets != -100).sum())
+        with ctx:
+            _, loss = model(idx.to(cfg["device"]), targets.to(cfg["device"]))
+        total, count = total + loss.item() * n, count + n
+    model.train()
+    return total / max(count, 1)
 
 
 def report_test(rows, base, tuned, n_examples=4):
