@@ -181,24 +181,6 @@ def summary(s):
     return line
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Scoring a model: the loss on held-out answers (train.py), and answers it writes itself.
-
-@torch.no_grad()
-def val_loss(model, examples, cfg, pad_id, ctx):
-    """Mean loss per answer token over the whole validation set."""
-    model.eval()
-    total, count = 0.0, 0
-    for b in range(0, len(examples), cfg["batch_size"]):
-        idx, targets = data.collate(examples, list(range(b, min(b + cfg["batch_size"], len(examples)))), pad_id)
-        n = int((targets != -100).sum())
-        with ctx:
-            _, loss = model(idx.to(cfg["device"]), targets.to(cfg["device"]))
-        total, count = total + loss.item() * n, count + n
-    model.train()
-    return total / max(count, 1)
-
-
 def write_metrics(path, metrics):
     """metrics.json as strict JSON: a score over no questions (nan) is written as null, not as NaN."""
     import json

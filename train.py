@@ -13,7 +13,6 @@ import json
 import math
 import os
 import random
-import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -57,7 +56,7 @@ epochs = 1
 # evaluation and logging
 eval_interval = 50           # validation loss (and a checkpoint) every this many steps
 eval_generate = 32           # validation questions answered before and after training, for EM/F1 and for choosing
-                             # the no-answer threshold (evaluate.py: best_threshold); 0: none
+                             # the no-answer threshold (answer.py: choose_threshold); 0: none
 eval_batch_size = 0          # prompts read at once; 0 -> batch_size (inference needs far less memory per row)
 max_new_tokens = 32
 wandb_log = False
@@ -71,12 +70,13 @@ seed = 1337
 # -------------------------------------------------------------------------------------------------------------------
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))}
 
-from answer import abstain_above, choose_threshold, read_passages  # noqa: E402
 from configurator import check_device, configure, resolve_dtype  # noqa: E402
 import data  # noqa: E402
-from evaluate import score, summary, val_loss, write_metrics  # noqa: E402
-from lora import apply_lora, lora_layers, save_adapter, trainable_report  # noqa: E402
-from model import Llama  # noqa: E402
+from answer import abstain_above, choose_threshold, read_passages  # noqa: E402
+from convert import atomic_write, write_json  # noqa: E402
+from evaluate import score, summary, write_metrics  # noqa: E402
+from lora import apply_lora, load_model, save_adapter, trainable_report  # noqa: E402
+from memory import give_back_freed_memory, gib, memory_estimate, peak_memory, resident_memory  # noqa: E402
 from optim import PagedAdamW  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -90,6 +90,153 @@ def fail(msg):
     sys.exit(1)
 
 
+# -- the phases main runs, in its order: settings, processes, model, data, optimizer -----------------------------------
+
+def read_settings(argv):
+    """Defaults < config file < --key=value (configurator.py); to resume, the saved run's. -> (cfg, state or None)"""
+    cfg = configure(settings, argv)
+    if cfg["init_from"] != "resume":
+        return cfg, None
+    path = os.path.join(cfg["out_dir"], STATE_FILE)
+    if not os.path.exists(path):
+        fail(f"init_from=resume but {path} does not exist (no run to continue in out_dir={cfg['out_dir']!r})")
+    try:  # weights_only: tensors and plain containers only, so a downloaded run folder can never run code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{path} is not a readable train.py checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    overrides = {k: v for k, v in cfg.items() if v != settings[k] and k != "init_from"}
+    for k in LORA_SHAPE:  # the saved A and B matrices only fit a model with the same LoRA layers
+        if k in overrides and overrides[k] != state["config"].get(k, settings[k]):
+            fail(f"cannot resume with {k}={overrides[k]!r}: the run in {cfg['out_dir']} was trained with "
+                 f"{k}={state['config'].get(k, settings[k])!r}; drop --{k}, or start a new run in another out_dir")
+    return {**settings, **state["config"], **overrides}, state  # the run's settings, plus what this command changes
+
+
+def setup(cfg):
+    """The device, and under torchrun the process group: every process trains on its own slice of each global batch
+    (on GPUs each on its own GPU, written into cfg["device"]). Then the seeds. -> (ddp, rank, world)"""
+    check_device(cfg["device"])
+    if not cfg["device"].startswith("cuda"):
+        give_back_freed_memory()
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world = 0, 1
+    if ddp:
+        on_cuda = cfg["device"].startswith("cuda")
+        if on_cuda:  # this process's GPU first, then the process group bound to it (NCCL's communicator lives there)
+            cfg["device"] = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(cfg["device"])
+        dist.init_process_group(backend="nccl" if on_cuda else "gloo",
+                                device_id=torch.device(cfg["device"]) if on_cuda else None)
+        rank, world = dist.get_rank(), dist.get_world_size()
+    torch.manual_seed(cfg["seed"])
+    random.seed(cfg["seed"])
+    return ddp, rank, world
+
+
+def build_model(cfg, state, master):
+    """Base weights frozen (optionally 4-bit), LoRA matrices trainable (the saved ones on resume).
+    -> (model, tokenizer, the dtype it computes in)"""
+    base, device = cfg["init_from"], cfg["device"]
+    if not os.path.isdir(base):
+        hint = f"--hub_id={cfg['hub_id']}" if cfg["hub_id"] else "[--hub_id=<hub repo id>]"
+        fail(f"base model folder {base!r} not found. Get it with: python prepare.py {hint}")
+    ptdtype = resolve_dtype(cfg["dtype"], device)
+    try:  # room for the longest prompt and its answer, plus a margin
+        model, _ = load_model(base, "", cfg["quantize"], ptdtype, device,
+                              max_seq_len=cfg["max_seq_len"] + 64 + cfg["max_new_tokens"])
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+    tok = Tokenizer(base)
+    apply_lora(model, r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
+               targets=cfg["lora_targets"], use_rslora=cfg["use_rslora"],
+               modules_to_save=tuple(cfg["lora_modules_to_save"]))
+    model.gradient_checkpointing = cfg["gradient_checkpointing"]
+    if state is not None:
+        named = dict(model.named_parameters())
+        for n, t in state["trainable"].items():
+            named[n].data.copy_(t)
+    if master:
+        print(trainable_report(model))
+    return model, tok, ptdtype
+
+
+def data_parallel(model, device):
+    """
+    DDP broadcasts every parameter and buffer from rank 0 at start and watches them all: keep it to the trained
+    ones. The frozen weights (4-bit bytes included; their scales are plain tensors DDP never sees) are the same
+    on every rank by construction: each loads the same file and quantizes it the same deterministic way.
+    """
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+    DDP = torch.nn.parallel.DistributedDataParallel
+    DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
+    return DDP(model, device_ids=[device] if device.startswith("cuda") else None)
+
+
+def load_data(cfg, tok):
+    """-> (training and validation examples, the validation questions answered before and after, test questions)"""
+    train_files = cfg["train_data"] if isinstance(cfg["train_data"], (tuple, list)) else (cfg["train_data"],)
+    for path in (*train_files, cfg["val_data"], cfg["test_data"]):
+        if path and not os.path.exists(path):
+            fail(f"data file {path!r} not found" + (" (get PersianQA with: python prepare.py --data=persian_qa)"
+                                                     if "persian_qa/" in path else ""))
+    try:
+        rows = [row for path in train_files for row in data.load_qa_rows(path)[0]]
+        if cfg["val_data"]:
+            train_rows, (val_rows, _) = rows, data.load_qa_rows(cfg["val_data"])
+        else:
+            train_rows, val_rows = data.split_rows(rows, cfg["val_fraction"], cfg["seed"])
+        if not train_rows:
+            raise ValueError(f"no training rows left after holding out val_fraction={cfg['val_fraction']}")
+        val_rows = val_rows[:cfg["val_limit"]] if cfg["val_limit"] else val_rows
+        train_ex = data.encode_rows(tok, train_rows, cfg["max_seq_len"], cfg["seed"], name="training examples")
+        val_ex = data.encode_rows(tok, val_rows, cfg["max_seq_len"], cfg["seed"], name="validation examples")
+        test_rows = data.load_qa_rows(cfg["test_data"])[0] if cfg["test_data"] else []
+        test_rows = test_rows[:cfg["test_limit"]] if cfg["test_limit"] else test_rows
+    except ValueError as e:
+        fail(str(e))
+    return train_ex, val_ex, val_rows[:cfg["eval_generate"]], test_rows
+
+
+def count_steps(cfg, train_ex, world):
+    """-> (steps per epoch, steps of the run). Under torchrun every process needs a share of every batch: whole
+    batches only (drop_last), counted on the very list the loop walks (training_batches). Every epoch has as many:
+    only the shorter batch is dropped, and there is one."""
+    n_batches = len(data.make_batches(train_ex, cfg["batch_size"] * world, cfg["seed"], 0, drop_last=world > 1))
+    if n_batches == 0:
+        fail(f"{len(train_ex)} training examples do not fill one batch of {cfg['batch_size']} x {world} processes")
+    steps_per_epoch = max(1, n_batches // cfg["grad_accum"])
+    return steps_per_epoch, cfg["max_iters"] or cfg["epochs"] * steps_per_epoch
+
+
+def build_optimizer(cfg, params, state):
+    """AdamW or paged AdamW; resumed: its saved state, the random states, where it stopped. -> (opt, pos, history)"""
+    decay = [p for p in params if p.dim() >= 2]
+    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    Opt = PagedAdamW if cfg["optimizer"] == "paged_adamw" else torch.optim.AdamW
+    if cfg["optimizer"] not in ("adamw", "paged_adamw"):
+        fail(f"optimizer must be 'adamw' or 'paged_adamw', got {cfg['optimizer']!r}")
+    opt = Opt(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]))
+    if state is None:
+        return opt, {"iter": 0, "epoch": 0, "batch": 0}, {"train": [], "val": [], "before": None, "after": None}
+    opt.load_state_dict(state["optimizer"])
+    restore_rng(state["rng"], cfg["device"])
+    return opt, state["pos"], state["history"]
+
+
+def mixed_precision(cfg, ptdtype, state):
+    """Autocast on a GPU computing in 16 bits, and fp16's loss scaler. -> (context for the forward pass, scaler)"""
+    device = cfg["device"]
+    use_autocast = device.startswith("cuda") and ptdtype != torch.float32
+    ctx = torch.autocast("cuda", dtype=ptdtype) if use_autocast else nullcontext()
+    # fp16 has 5 exponent bits: gradients below 6e-8 become 0. The scaler multiplies the loss so they stay
+    # representable and divides them back before the update; bf16 has fp32's range and needs none.
+    scaler = torch.amp.GradScaler(device.split(":")[0]) if ptdtype == torch.float16 else None
+    if scaler is not None and state is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return ctx, scaler
+
+
 def get_lr(it, cfg, total):
     """Warmup protects the freshly initialised LoRA matrices from large first steps; cosine then anneals."""
     decay = cfg["lr_decay_iters"] or total
@@ -98,51 +245,6 @@ def get_lr(it, cfg, total):
     progress = min(1.0, (it - cfg["warmup_iters"]) / max(1, decay - cfg["warmup_iters"]))
     low = cfg["min_lr_ratio"] * cfg["learning_rate"]
     return low + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg["learning_rate"] - low)
-
-
-def memory_estimate(model, n_trainable, cfg, act_bytes, resident=0):
-    """
-    Bytes the run needs on the training device, from the transformer math of the notes:
-      process      on a CPU, what the process holds before it loads anything (resident: its RSS then): Python and
-                   torch's libraries. Measured, because no rule predicts it; on a GPU the measurement is allocated
-                   memory, which holds none of it.
-      weights      what the model holds (a 4-bit weight counts its packed bytes and its scales)
-      lora         trainable parameters, fp32: 4 bytes each; their gradients another 4
-      optimizer    Adam keeps two fp32 moments: 8 bytes per trainable parameter (paged: in CPU memory instead)
-      activations  what one of our blocks keeps for backward, per token per unit of width, as lesson 12 measures it
-                   with LoRA on every linear layer: 44 bytes under autocast, 34 for bf16 weights without autocast
-                   (the rule of thumb's 34), 77 in fp32 (attention scores are not stored: SDPA recomputes them);
-                   gradient checkpointing keeps only each layer's input, plus one layer's full set while it is
-                   recomputed.
-      lora_inputs  copies of their input that LoRA layers keep, T * B * (sum of the LoRA layers' input widths) * bytes:
-                   under autocast (16-bit on a GPU) the frozen layer's input is shared, and only dropout makes a copy
-                   (16-bit, plus a 1-byte mask); without autocast A and B are fp32, so next to 16-bit weights (bf16
-                   on a CPU) every LoRA layer keeps an fp32 copy of its input, and with dropout a dropped fp32 copy
-                   (plus the mask, a 4-byte float on a CPU). One layer's share with checkpointing.
-    """
-    a = model.args
-    # Each storage once (a tied head is the embedding), trainable tensors excluded (they are the "lora" line).
-    trainable = {p.untyped_storage().data_ptr() for p in model.parameters() if p.requires_grad}
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
-    weights = sum(n for ptr, n in storages.items() if ptr not in trainable)
-    tokens = cfg["batch_size"] * cfg["max_seq_len"]
-    on_gpu, dropout = str(cfg["device"]).startswith("cuda"), cfg["lora_dropout"] > 0
-    autocast = on_gpu and act_bytes == 2                         # train.py's rule, in main()
-    # Under autocast each RMSNorm keeps an fp32 copy of its input and autocast keeps its casts: 44, not 34.
-    kept = 77 if act_bytes == 4 else (44 if autocast else 34)    # bytes per token per dim per layer (lesson 12)
-    per_layer = kept * tokens * a.dim
-    acts = (a.n_layers * tokens * a.dim * act_bytes + per_layer) if cfg["gradient_checkpointing"] \
-        else a.n_layers * per_layer
-    lora_in = sum(m.lora_A.in_features for _, m in lora_layers(model))  # all layers' LoRA input widths, summed
-    mask = (1 if on_gpu else 4) if dropout else 0
-    copy = (2 if dropout else 0) if autocast else (4 if dropout or act_bytes == 2 else 0)
-    lora_inputs = tokens * lora_in * (copy + mask)
-    est = {"process": resident} if resident else {}
-    est |= {"weights": weights, "lora": 4 * n_trainable, "gradients": 4 * n_trainable,
-           "optimizer": 0 if cfg["optimizer"] == "paged_adamw" else 8 * n_trainable, "activations": acts,
-           "lora_inputs": lora_inputs / a.n_layers if cfg["gradient_checkpointing"] else lora_inputs}
-    est["total"] = sum(est.values())
-    return est
 
 
 def optimizer_step(opt, params, grad_clip, scaler=None):
@@ -165,38 +267,17 @@ def optimizer_step(opt, params, grad_clip, scaler=None):
     return stepped
 
 
-def gib(n):
-    return f"{n / 2**30:.2f} GiB"
-
-
-def peak_memory(device):
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def resident_memory():
-    """The process's resident memory now, in bytes (Linux; 0 where /proc is missing)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError):
-        return 0
-
-
-def give_back_freed_memory():
-    """
-    On a CPU, make freed tensors leave the process. glibc's malloc serves big blocks with mmap and unmaps them on
-    free, but after the first such free it raises that threshold (up to 32 MiB) and later blocks come from the heap,
-    which keeps freed memory for reuse: the measured peak then grows with every step's differently sized
-    activations (5.9 GiB against 2.0 estimated in an earlier quickstart). A fixed 1 MiB threshold keeps the
-    dynamic rule off, so the peak is what one step really holds (lesson 12 measures both).
-    """
-    import ctypes
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass  # not glibc (macOS, musl): nothing to set
+def training_batches(examples, pos, cfg, rank, world, pad_id):
+    """This process's share of each global batch, in order, epoch after epoch, each epoch in its own seeded order.
+    pos (epoch, batch) advances with every batch taken, so a checkpoint saved between steps resumes at the next one."""
+    while True:
+        batches = data.make_batches(examples, cfg["batch_size"] * world, cfg["seed"], pos["epoch"], drop_last=world > 1)
+        while pos["batch"] < len(batches):
+            b = batches[pos["batch"]]
+            pos["batch"] += 1
+            mine = b[rank * cfg["batch_size"]:(rank + 1) * cfg["batch_size"]] if world > 1 else b
+            yield data.collate(examples, mine, pad_id)
+        pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
 
 
 def rng_state(device):
@@ -216,20 +297,97 @@ def restore_rng(rng, device):
         torch.cuda.set_rng_state(cuda, device)
 
 
-def save_checkpoint(out_dir, model, opt, cfg, base, pos, history, scaler=None):
+def save_checkpoint(model, opt, cfg, pos, history, scaler=None):
     """
     One file holds everything a resume needs (trainable weights, optimizer, RNG, data position), written to a
     temporary name and renamed, so a crash mid-write never leaves a broken checkpoint. The adapter is also written
-    in PEFT's format for sample.py, the merge command and PEFT itself.
+    in PEFT's format for sample.py, export.py and PEFT itself.
     """
-    from convert import atomic_write, write_json
     state = {"trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
              "optimizer": opt.state_dict(), "pos": pos, "history": history, "config": cfg,
              "scaler": scaler.state_dict() if scaler is not None else None,  # fp16's loss scale, plain numbers
              "rng": rng_state(cfg["device"])}
-    atomic_write(os.path.join(out_dir, STATE_FILE), lambda p: torch.save(state, p))
-    save_adapter(model, out_dir, base_model_name_or_path=base)
-    write_json(os.path.join(out_dir, "config.json"), cfg, indent=2, default=list)
+    atomic_write(os.path.join(cfg["out_dir"], STATE_FILE), lambda p: torch.save(state, p))
+    save_adapter(model, cfg["out_dir"], base_model_name_or_path=cfg["init_from"])  # the base (a resume keeps it)
+    write_json(os.path.join(cfg["out_dir"], "config.json"), cfg, indent=2, default=list)
+
+
+@torch.no_grad()
+def val_loss(model, examples, cfg, pad_id, ctx):
+    """Mean loss per answer token over the whole validation set."""
+    model.eval()
+    total, count = 0.0, 0
+    for b in range(0, len(examples), cfg["batch_size"]):
+        idx, targets = data.collate(examples, list(range(b, min(b + cfg["batch_size"], len(examples)))), pad_id)
+        n = int((targets != -100).sum())
+        with ctx:
+            _, loss = model(idx.to(cfg["device"]), targets.to(cfg["device"]))
+        total, count = total + loss.item() * n, count + n
+    model.train()
+    return total / max(count, 1)
+
+
+# -- evaluation, shared: under torchrun every process reads every world-th question (or example) and the results are
+# gathered, so the GPUs split the work instead of waiting for rank 0 (NCCL's 10-minute timeout would kill them
+# during a long evaluation) -----------------------------------------------------------------------------------------
+
+def read_all(model, tok, rows, cfg, ctx, rank, world, progress=False):
+    """Candidates (answer.py: read_passages) of all rows, in order, each process reading its share."""
+    mine = rows[rank::world]
+    mine = read_passages(model, tok, mine, cfg["max_seq_len"], cfg["max_new_tokens"],
+                         cfg["eval_batch_size"] or cfg["batch_size"], ctx, progress and rank == 0) if mine else []
+    if world == 1:
+        return mine
+    parts = [None] * world
+    dist.all_gather_object(parts, mine)
+    return [parts[i % world][i // world] for i in range(len(rows))]
+
+
+def global_val_loss(model, examples, cfg, pad_id, ctx, rank, world):
+    """Loss per answer token over the whole validation set: each process sums over its share."""
+    mine = examples[rank::world]
+    n = sum(len(answer) for _, answer in mine)
+    loss = val_loss(model, mine, cfg, pad_id, ctx) if mine else 0.0
+    if world == 1:
+        return loss
+    t = torch.tensor([loss * n, n], dtype=torch.float64, device=cfg["device"])
+    dist.all_reduce(t)
+    return (t[0] / t[1]).item()
+
+
+def answer_validation(model, tok, rows, cfg, ctx, rank, world, when):
+    """EM/F1 on the validation questions, abstaining above the null_diff threshold that is best on them
+    (answer.py: choose_threshold): the model's best use of its own scores, before and after alike."""
+    candidates = read_all(model, tok, rows, cfg, ctx, rank, world)
+    golds = [r["answers"] for r in rows]
+    threshold = choose_threshold(candidates, golds)
+    s = dict(score(abstain_above(candidates, threshold), golds, [r["context"] for r in rows]), null_threshold=threshold)
+    if rank == 0:
+        print(f"{when} ({len(rows)} validation questions, abstaining above null_diff {threshold:.2f}): {summary(s)}")
+    return s
+
+
+def answer_test(model, tok, rows, cfg, ctx, rank, world, threshold):
+    """The test questions, answered once at a threshold chosen on validation: the score at that threshold, the
+    predictions, and each question's best answer, which answering every question would give (the model's
+    reading, whatever it decides)."""
+    candidates = read_all(model, tok, rows, cfg, ctx, rank, world, progress=True)
+    golds, contexts = [r["answers"] for r in rows], [r["context"] for r in rows]
+    preds = abstain_above(candidates, threshold)
+    s = score(preds, golds, contexts)
+    every = score([c["answer"] for c in candidates], golds, contexts)
+    s.update(null_threshold=threshold, answering_all={k: every[k] for k in ("has_answer_f1", "answered", "invented")},
+             always_no_answer_f1=score([""] * len(golds), golds)["f1"])
+    return {"score": s, "predictions": preds, "best_answers": [c["answer"] for c in candidates],
+            "null_diffs": [c["null_diff"] for c in candidates]}
+
+
+def validate_then_test(model, tok, eval_rows, test_rows, cfg, ctx, rank, world, when):
+    """The validation questions, which choose the no-answer threshold, then the test questions at that threshold:
+    nothing is tuned on these. -> (validation score, test answers), None for a set the run does not have"""
+    val = answer_validation(model, tok, eval_rows, cfg, ctx, rank, world, when) if eval_rows else None
+    threshold = val["null_threshold"] if eval_rows else 0.0
+    return val, answer_test(model, tok, test_rows, cfg, ctx, rank, world, threshold) if test_rows else None
 
 
 def report_test(rows, base, tuned, n_examples=4):
@@ -285,135 +443,48 @@ def plot_losses(history, path):
     plt.close(fig)
 
 
+def write_report(cfg, history, test_rows, tuned, est):
+    """The end of a run, on rank 0: the test comparison, test_predictions.jsonl, metrics.json and the memory line."""
+    device, threshold = cfg["device"], history["after"]["null_threshold"] if history["after"] else 0.0
+    if test_rows:
+        report_test(test_rows, history.get("base_test"), tuned)
+        with open(os.path.join(cfg["out_dir"], "test_predictions.jsonl"), "w", encoding="utf-8") as f:
+            for row, pred, nd in zip(test_rows, tuned["predictions"], tuned["null_diffs"]):
+                f.write(json.dumps({"id": row["id"], "answers": row["answers"], "prediction": pred,
+                                    "null_diff": nd}, ensure_ascii=False) + "\n")
+    metrics = {"before": history["before"], "after": history["after"], "test": tuned["score"] if test_rows else None,
+               "base_test": (history.get("base_test") or {}).get("score"),
+               "null_threshold": threshold, "val_loss": history["val"], "skipped_steps": history.get("skipped", 0),
+               "train_loss_last": history["train"][-1][1] if history["train"] else None,
+               "peak_memory_bytes": peak_memory(device), "estimated_memory_bytes": est["total"]}
+    write_metrics(os.path.join(cfg["out_dir"], "metrics.json"), metrics)
+    print(f"peak memory: {gib(peak_memory(device))} measured ({'GPU allocated' if device.startswith('cuda') else 'process RSS'}), "
+          f"{gib(est['total'])} estimated. Adapter and metrics in {cfg['out_dir']}")
+
+
 def main(argv=None):
-    resident = resident_memory()  # before loading anything: the process itself (memory_estimate)
-    cfg = configure(settings, argv)
-    resume = cfg["init_from"] == "resume"
-    state = None
-    if resume:
-        path = os.path.join(cfg["out_dir"], STATE_FILE)
-        if not os.path.exists(path):
-            fail(f"init_from=resume but {path} does not exist (no run to continue in out_dir={cfg['out_dir']!r})")
-        try:  # weights_only: tensors and plain containers only, so a downloaded run folder can never run code
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            fail(f"{path} is not a readable train.py checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
-        overrides = {k: v for k, v in cfg.items() if v != settings[k] and k != "init_from"}
-        for k in LORA_SHAPE:  # the saved A and B matrices only fit a model with the same LoRA layers
-            if k in overrides and overrides[k] != state["config"].get(k, settings[k]):
-                fail(f"cannot resume with {k}={overrides[k]!r}: the run in {cfg['out_dir']} was trained with "
-                     f"{k}={state['config'].get(k, settings[k])!r}; drop --{k}, or start a new run in another out_dir")
-        cfg = {**settings, **state["config"], **overrides}  # the run's settings, plus what this command changes
-    base = cfg["init_from"]
-    check_device(cfg["device"])
-    if not cfg["device"].startswith("cuda"):
-        give_back_freed_memory()
+    # -- setup: settings, device, processes, seeds ---------------------------------------------------------------------
+    resident = resident_memory()  # before loading anything: the process itself (memory.py: memory_estimate)
+    cfg, state = read_settings(argv)
+    ddp, rank, world = setup(cfg)
+    master, device = rank == 0, cfg["device"]
 
-    # -- distributed: under torchrun every process trains on its own slice of each global batch ------------------
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, world = 0, 1
-    if ddp:
-        on_cuda = cfg["device"].startswith("cuda")
-        if on_cuda:  # this process's GPU first, then the process group bound to it (NCCL's communicator lives there)
-            cfg["device"] = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(cfg["device"])
-        dist.init_process_group(backend="nccl" if on_cuda else "gloo",
-                                device_id=torch.device(cfg["device"]) if on_cuda else None)
-        rank, world = dist.get_rank(), dist.get_world_size()
-    master = rank == 0
-    device = cfg["device"]
-    torch.manual_seed(cfg["seed"])
-    random.seed(cfg["seed"])
+    # -- model ---------------------------------------------------------------------------------------------------------
+    raw_model, tok, ptdtype = build_model(cfg, state, master)
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    model = data_parallel(raw_model, device) if ddp else raw_model
 
-    # -- model: base weights frozen (optionally 4-bit), LoRA matrices trainable -----------------------------------
-    if not os.path.isdir(base):
-        hint = f"python prepare.py --hub_id={cfg['hub_id']}" if cfg["hub_id"] else "python prepare.py [--hub_id=<hub repo id>]"
-        fail(f"base model folder {base!r} not found. Get it with: {hint}")
-    ptdtype = resolve_dtype(cfg["dtype"], device)
-    try:
-        model = Llama.from_pretrained(base, dtype=ptdtype, device=device, max_seq_len=cfg["max_seq_len"] + 64 + cfg["max_new_tokens"],
-                                      quantize=None if cfg["quantize"] == "none" else cfg["quantize"])
-    except (FileNotFoundError, ValueError) as e:
-        fail(str(e))
-    tok = Tokenizer(base)
-    apply_lora(model, r=cfg["lora_r"], alpha=cfg["lora_alpha"], dropout=cfg["lora_dropout"],
-               targets=cfg["lora_targets"], use_rslora=cfg["use_rslora"],
-               modules_to_save=tuple(cfg["lora_modules_to_save"]))
-    model.gradient_checkpointing = cfg["gradient_checkpointing"]
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
-    if state is not None:
-        named = dict(model.named_parameters())
-        for n, t in state["trainable"].items():
-            named[n].data.copy_(t)
-    if master:
-        print(trainable_report(model))
-    raw_model = model
-    if ddp:
-        # DDP broadcasts every parameter and buffer from rank 0 at start and watches them all: keep it to the trained
-        # ones. The frozen weights (4-bit bytes included; their scales are plain tensors DDP never sees) are the same
-        # on every rank by construction: each loads the same file and quantizes it the same deterministic way.
-        frozen = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
-        DDP = torch.nn.parallel.DistributedDataParallel
-        DDP._set_params_and_buffers_to_ignore_for_model(model, frozen)
-        model = DDP(model, device_ids=[device] if device.startswith("cuda") else None)
-
-    # -- data -------------------------------------------------------------------------------------------------------
-    train_files = cfg["train_data"] if isinstance(cfg["train_data"], (tuple, list)) else (cfg["train_data"],)
-    for path in (*train_files, cfg["val_data"], cfg["test_data"]):
-        if path and not os.path.exists(path):
-            fail(f"data file {path!r} not found" + (" (get PersianQA with: python prepare.py --data=persian_qa)"
-                                                     if "persian_qa/" in path else ""))
-    try:
-        rows = [row for path in train_files for row in data.load_qa_rows(path)[0]]
-        if cfg["val_data"]:
-            train_rows, (val_rows, _) = rows, data.load_qa_rows(cfg["val_data"])
-        else:
-            train_rows, val_rows = data.split_rows(rows, cfg["val_fraction"], cfg["seed"])
-        if not train_rows:
-            raise ValueError(f"no training rows left after holding out val_fraction={cfg['val_fraction']}")
-        val_rows = val_rows[:cfg["val_limit"]] if cfg["val_limit"] else val_rows
-        train_ex = data.encode_rows(tok, train_rows, cfg["max_seq_len"], cfg["seed"], name="training examples")
-        val_ex = data.encode_rows(tok, val_rows, cfg["max_seq_len"], cfg["seed"], name="validation examples")
-        test_rows = data.load_qa_rows(cfg["test_data"])[0] if cfg["test_data"] else []
-        test_rows = test_rows[:cfg["test_limit"]] if cfg["test_limit"] else test_rows
-    except ValueError as e:
-        fail(str(e))
+    # -- data ----------------------------------------------------------------------------------------------------------
+    train_ex, val_ex, eval_rows, test_rows = load_data(cfg, tok)
     pad_id = tok.eos_id if tok.eos_id is not None else 0
-    global_bs = cfg["batch_size"] * world
-    # Under torchrun every process needs a share of every batch: whole batches only (drop_last), counted on the
-    # very list the loop walks. Every epoch has as many: only the shorter batch is dropped, and there is one.
-    n_batches = len(data.make_batches(train_ex, global_bs, cfg["seed"], 0, drop_last=world > 1))
-    if n_batches == 0:
-        fail(f"{len(train_ex)} training examples do not fill one batch of {cfg['batch_size']} x {world} processes")
-    steps_per_epoch = max(1, n_batches // cfg["grad_accum"])
-    max_iters = cfg["max_iters"] or cfg["epochs"] * steps_per_epoch
+    steps_per_epoch, max_iters = count_steps(cfg, train_ex, world)
 
-    # -- optimizer --------------------------------------------------------------------------------------------------
-    decay = [p for p in params if p.dim() >= 2]
-    groups = [{"params": decay, "weight_decay": cfg["weight_decay"]},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    Opt = PagedAdamW if cfg["optimizer"] == "paged_adamw" else torch.optim.AdamW
-    if cfg["optimizer"] not in ("adamw", "paged_adamw"):
-        fail(f"optimizer must be 'adamw' or 'paged_adamw', got {cfg['optimizer']!r}")
-    opt = Opt(groups, lr=cfg["learning_rate"], betas=(cfg["beta1"], cfg["beta2"]))
-    pos = {"iter": 0, "epoch": 0, "batch": 0}
-    history = {"train": [], "val": [], "before": None, "after": None}
-    if state is not None:
-        opt.load_state_dict(state["optimizer"])
-        pos, history = state["pos"], state["history"]
-        restore_rng(state["rng"], device)
-
-    use_autocast = device.startswith("cuda") and ptdtype != torch.float32
-    ctx = torch.autocast("cuda", dtype=ptdtype) if use_autocast else nullcontext()
-    # fp16 has 5 exponent bits: gradients below 6e-8 become 0. The scaler multiplies the loss so they stay
-    # representable and divides them back before the update; bf16 has fp32's range and needs none.
-    scaler = torch.amp.GradScaler(device.split(":")[0]) if ptdtype == torch.float16 else None
-    if scaler is not None and state is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
+    # -- optimizer -----------------------------------------------------------------------------------------------------
+    opt, pos, history = build_optimizer(cfg, params, state)
+    ctx, scaler = mixed_precision(cfg, ptdtype, state)
     os.makedirs(cfg["out_dir"], exist_ok=True)
     if master:
-        est = memory_estimate(raw_model, n_trainable, cfg, 2 if ptdtype != torch.float32 else 4,
+        est = memory_estimate(raw_model, sum(p.numel() for p in params), cfg, 2 if ptdtype != torch.float32 else 4,
                               0 if device.startswith("cuda") else resident)
         print("memory estimate: " + ", ".join(f"{k} {gib(v)}" for k, v in est.items()))
         print(f"{len(train_ex)} training and {len(val_ex)} validation examples; {steps_per_epoch} steps per epoch; "
@@ -421,94 +492,31 @@ def main(argv=None):
     if cfg["wandb_log"] and master:
         import wandb
         wandb.init(project=cfg["wandb_project"], name=cfg["wandb_run_name"], config=cfg)
-    eval_rows = val_rows[:cfg["eval_generate"]]
 
-    # -- evaluation, shared: under torchrun every process reads every world-th question (or example) and the results
-    # are gathered, so the GPUs split the work instead of waiting for rank 0 (NCCL's 10-minute timeout would kill
-    # them during a long evaluation) ---------------------------------------------------------------------------------
-    def read_all(rows, progress=False):
-        """Readings (evaluate.py: read) of all rows, in order, each process reading its share."""
-        mine = rows[rank::world]
-        mine = read_passages(raw_model, tok, mine, cfg["max_seq_len"], cfg["max_new_tokens"],
-                             cfg["eval_batch_size"] or cfg["batch_size"], ctx, progress and master) if mine else []
-        if world == 1:
-            return mine
-        parts = [None] * world
-        dist.all_gather_object(parts, mine)
-        return [parts[i % world][i // world] for i in range(len(rows))]
-
-    def global_val_loss():
-        """Loss per answer token over the whole validation set: each process sums over its share."""
-        mine = val_ex[rank::world]
-        n = sum(len(answer) for _, answer in mine)
-        loss = val_loss(raw_model, mine, cfg, pad_id, ctx) if mine else 0.0
-        if world == 1:
-            return loss
-        t = torch.tensor([loss * n, n], dtype=torch.float64, device=device)
-        dist.all_reduce(t)
-        return (t[0] / t[1]).item()
-
-    def answer_validation(when):
-        """EM/F1 on the validation questions, abstaining above the null_diff threshold that is best on them
-        (evaluate.py: best_threshold): the model's best use of its own scores, before and after alike."""
-        readings = read_all(eval_rows)
-        golds = [r["answers"] for r in eval_rows]
-        threshold = choose_threshold(readings, golds)
-        s = dict(score(abstain_above(readings, threshold), golds, [r["context"] for r in eval_rows]),
-                 null_threshold=threshold)
-        if master:
-            print(f"{when} ({len(eval_rows)} validation questions, abstaining above null_diff {threshold:.2f}): "
-                  f"{summary(s)}")
-        return s
-
-    def answer_test(threshold):
-        """The test questions, answered once at a threshold chosen on validation: the score at that threshold, the
-        predictions, and each question's best answer, which answering every question would give (the model's
-        reading, whatever it decides)."""
-        readings = read_all(test_rows, progress=True)
-        golds, contexts = [r["answers"] for r in test_rows], [r["context"] for r in test_rows]
-        preds = abstain_above(readings, threshold)
-        s = score(preds, golds, contexts)
-        every = score([r["answer"] for r in readings], golds, contexts)
-        s.update(null_threshold=threshold, answering_all={k: every[k] for k in ("has_answer_f1", "answered", "invented")},
-                 always_no_answer_f1=score([""] * len(golds), golds)["f1"])
-        return {"score": s, "predictions": preds, "best_answers": [r["answer"] for r in readings],
-                "null_diffs": [r["null_diff"] for r in readings]}
-
-    if state is None:  # the base model's numbers: what training has to beat
+    # -- before training: the base model's numbers, what training has to beat (a resumed run has them) -----------------
+    if state is None:
         if val_ex:
-            history["val"].append((0, global_val_loss()))
+            history["val"].append((0, global_val_loss(raw_model, val_ex, cfg, pad_id, ctx, rank, world)))
             if master:
                 print(f"before training: val loss {history['val'][0][1]:.4f}")
-        if eval_rows:
-            history["before"] = answer_validation("before training")
+        history["before"], base_test = validate_then_test(raw_model, tok, eval_rows, test_rows, cfg, ctx, rank, world,
+                                                          "before training")
         if test_rows:  # the base model on the test questions, at its own threshold: the side of the comparison
-            history["base_test"] = answer_test(history["before"]["null_threshold"] if eval_rows else 0.0)
+            history["base_test"] = base_test
 
-    # -- the loop ---------------------------------------------------------------------------------------------------
+    # -- the loop ------------------------------------------------------------------------------------------------------
     from tqdm import tqdm
     bar = tqdm(total=max_iters, initial=pos["iter"], disable=not master, dynamic_ncols=True)
-    batches = data.make_batches(train_ex, global_bs, cfg["seed"], pos["epoch"], drop_last=world > 1)
+    batches = training_batches(train_ex, pos, cfg, rank, world, pad_id)
     model.train()
     t0, tokens_seen = time.time(), 0
-
-    def next_batch():
-        nonlocal batches
-        if pos["batch"] >= n_batches:  # epoch done: the next one has its own seeded order
-            pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
-            batches = data.make_batches(train_ex, global_bs, cfg["seed"], pos["epoch"], drop_last=world > 1)
-        b = batches[pos["batch"]]
-        pos["batch"] += 1
-        mine = b[rank * cfg["batch_size"]:(rank + 1) * cfg["batch_size"]] if world > 1 else b
-        return data.collate(train_ex, mine, pad_id)
-
     try:
         while pos["iter"] < max_iters:
             it = pos["iter"]
             lr = get_lr(it, cfg, max_iters)
             for g in opt.param_groups:
                 g["lr"] = lr
-            micro = [next_batch() for _ in range(cfg["grad_accum"])]
+            micro = [next(batches) for _ in range(cfg["grad_accum"])]
             # Normalise by the answer tokens of the whole global batch, so every token weighs the same however the
             # batch is cut into micro-batches and processes (a mean per micro-batch would not).
             n_tok = torch.tensor(float(sum(int((t != -100).sum()) for _, t in micro)), device=device)
@@ -551,45 +559,28 @@ def main(argv=None):
                     wandb.log({"train/loss": step_loss, "lr": lr, "tokens_per_s": tps}, step=pos["iter"])
             last = pos["iter"] == max_iters
             if pos["iter"] % cfg["eval_interval"] == 0 or last:
-                vl = global_val_loss() if val_ex else float("nan")
+                vl = global_val_loss(raw_model, val_ex, cfg, pad_id, ctx, rank, world) if val_ex else float("nan")
                 history["val"].append((pos["iter"], vl))
                 if master:
                     bar.write(f"step {pos['iter']}: train loss {step_loss:.4f}, val loss {vl:.4f}")
                     if cfg["wandb_log"]:
                         wandb.log({"val/loss": vl}, step=pos["iter"])
-                    save_checkpoint(cfg["out_dir"], raw_model, opt, cfg, base, pos, history, scaler)
+                    save_checkpoint(raw_model, opt, cfg, pos, history, scaler)
                     plot_losses(history, os.path.join(cfg["out_dir"], "loss.png"))
                 if ddp:
                     dist.barrier()
     except KeyboardInterrupt:
         if master:  # parameters and optimizer are consistent between steps: keep the progress
             bar.write(f"interrupted: saving step {pos['iter']} to {cfg['out_dir']} (continue with --init_from=resume)")
-            save_checkpoint(cfg["out_dir"], raw_model, opt, cfg, base, pos, history, scaler)
+            save_checkpoint(raw_model, opt, cfg, pos, history, scaler)
         sys.exit(130)
     bar.close()
 
-    threshold, test = 0.0, None
-    if eval_rows:
-        history["after"] = answer_validation("after training")
-        threshold = history["after"]["null_threshold"]
-    if test_rows:  # answered once, with the threshold chosen above: nothing is tuned on these questions
-        tuned = answer_test(threshold)
-        test = tuned["score"]
+    # -- the report: the fine-tuned model on the validation questions, then once on the test questions -----------------
+    history["after"], tuned = validate_then_test(raw_model, tok, eval_rows, test_rows, cfg, ctx, rank, world,
+                                                 "after training")
     if master:
-        if test_rows:
-            report_test(test_rows, history.get("base_test"), tuned)
-            with open(os.path.join(cfg["out_dir"], "test_predictions.jsonl"), "w", encoding="utf-8") as f:
-                for row, pred, nd in zip(test_rows, tuned["predictions"], tuned["null_diffs"]):
-                    f.write(json.dumps({"id": row["id"], "answers": row["answers"], "prediction": pred,
-                                        "null_diff": nd}, ensure_ascii=False) + "\n")
-        metrics = {"before": history["before"], "after": history["after"], "test": test,
-                   "base_test": (history.get("base_test") or {}).get("score"),
-                   "null_threshold": threshold, "val_loss": history["val"], "skipped_steps": history.get("skipped", 0),
-                   "train_loss_last": history["train"][-1][1] if history["train"] else None,
-                   "peak_memory_bytes": peak_memory(device), "estimated_memory_bytes": est["total"]}
-        write_metrics(os.path.join(cfg["out_dir"], "metrics.json"), metrics)
-        print(f"peak memory: {gib(peak_memory(device))} measured ({'GPU allocated' if device.startswith('cuda') else 'process RSS'}), "
-              f"{gib(est['total'])} estimated. Adapter and metrics in {cfg['out_dir']}")
+        write_report(cfg, history, test_rows, tuned, est)
     if ddp:
         dist.destroy_process_group()
 

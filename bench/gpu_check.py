@@ -11,7 +11,7 @@ linear layer quantized to NF4 as its tensor arrives, so 16-bit weights never pil
 config/persian_qa.py does: LoRA r=32 on every linear layer, dropout 0.1, gradient checkpointing, paged AdamW, bf16
 autocast, micro-batches of 4 x 1,024 tokens, the loss on the last 64 tokens of each (the answer). It prints:
   - memory after loading (allocated on the GPU; resident set on a CPU), next to train.py's weights estimate;
-  - peak allocated and reserved memory over the training steps, next to train.py's memory_estimate total;
+  - peak allocated and reserved memory over the training steps, next to memory.py's memory_estimate total;
   - seconds per micro-batch (one forward and backward of batch_size sequences) and seconds per optimizer step
     (grad_accum micro-batches, then the update), and tokens per second; the first step, with its one-off costs,
     is not timed;
@@ -42,8 +42,8 @@ sys.path.insert(0, ROOT)  # first, even if already there: "import train" is the 
 
 import kernels  # noqa: E402
 import quant  # noqa: E402
-import train  # noqa: E402  (memory_estimate, optimizer_step: the numbers and the step train.py uses)
-from train import gib  # noqa: E402
+import train  # noqa: E402  (settings, optimizer_step: the run and the step train.py uses)
+from memory import gib, memory_estimate, peak_memory  # noqa: E402  (the estimate train.py prints, and the measurement)
 from configurator import configure  # noqa: E402
 from convert import expected_shape, load_state_one_by_one  # noqa: E402
 from lora import apply_lora  # noqa: E402
@@ -63,7 +63,7 @@ ANSWER_TOKENS = 64  # per sequence: the answer span and its end-of-turn token, l
 def memory_now(device):
     if device.startswith("cuda"):
         return torch.cuda.memory_allocated(device)
-    return train.peak_memory(device)  # on a CPU: the process's peak resident set, all it can tell
+    return peak_memory(device)  # on a CPU: the process's peak resident set, all it can tell
 
 
 def random_tensors(args, device, dtype):
@@ -109,7 +109,7 @@ def main(argv=None):
     model.gradient_checkpointing = cfg["gradient_checkpointing"]
     params = [q for q in model.parameters() if q.requires_grad]
     n_trainable = sum(q.numel() for q in params)
-    est = train.memory_estimate(model, n_trainable, cfg, 2 if dtype != torch.float32 else 4)
+    est = memory_estimate(model, n_trainable, cfg, 2 if dtype != torch.float32 else 4)
     loaded = memory_now(device)
     print(f"loaded in {time.time() - t0:.1f} s: {gib(loaded)} {'allocated' if on_gpu else 'resident (process)'}; "
           f"estimate: weights {gib(est['weights'])} + LoRA {gib(est['lora'])}")
@@ -150,7 +150,7 @@ def main(argv=None):
         peak, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
         print(f"training: peak allocated {gib(peak)}, reserved {gib(reserved)}; estimate {gib(est['total'])}")
     else:
-        print(f"training: peak resident {gib(train.peak_memory(device))} (the whole process); "
+        print(f"training: peak resident {gib(peak_memory(device))} (the whole process); "
               f"estimate {gib(est['total'])}")
     if step_times:
         s_micro, s_step = sum(micro_times) / len(micro_times), sum(step_times) / len(step_times)

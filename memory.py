@@ -1,0 +1,107 @@
+"""
+Where the memory of a fine-tune goes, estimated before the run and measured during it (lesson 12).
+
+A LoRA run holds five kinds of bytes on its training device:
+  weights      the frozen base model: 2 bytes per number in bf16, about half a byte in NF4 (plus its scales)
+  adapters     the trainable LoRA matrices A and B, kept in fp32: 4 bytes per trainable number ("lora" below)
+  gradients    one fp32 gradient per trainable number: 4 more bytes (the frozen weights have none)
+  optimizer    Adam's two fp32 moments: 8 bytes per trainable number (paged AdamW keeps them in CPU memory)
+  activations  what the forward pass keeps for the backward one; it grows with batch_size * max_seq_len and,
+               for a small adapter on a large batch, is the biggest of the five
+The first four follow from counting parameters. The fifth follows from what one transformer block keeps per token,
+which lesson 12 measures on our block; memory_estimate adds up all five, as train.py prints at the start of a run.
+
+The measurement differs by device. On a GPU, torch counts what its tensors hold (max_memory_allocated): the
+estimate's own terms, without the CUDA context. On a CPU only the whole process can be measured (its peak resident
+set), so the estimate there starts with what the process holds before it loads anything, and glibc's malloc must be
+kept from holding on to freed activations (give_back_freed_memory), or the peak grows with every step.
+"""
+
+import os
+import resource
+
+import torch
+
+from lora import lora_layers
+
+
+def memory_estimate(model, n_trainable, cfg, act_bytes, resident=0):
+    """
+    Bytes the run needs on the training device, from the transformer math of the notes:
+      process      on a CPU, what the process holds before it loads anything (resident: its RSS then): Python and
+                   torch's libraries. Measured, because no rule predicts it; on a GPU the measurement is allocated
+                   memory, which holds none of it.
+      weights      what the model holds (a 4-bit weight counts its packed bytes and its scales)
+      lora         trainable parameters, fp32: 4 bytes each; their gradients another 4
+      optimizer    Adam keeps two fp32 moments: 8 bytes per trainable parameter (paged: in CPU memory instead)
+      activations  what one of our blocks keeps for backward, per token per unit of width, as lesson 12 measures it
+                   with LoRA on every linear layer: 44 bytes under autocast, 34 for bf16 weights without autocast
+                   (the rule of thumb's 34), 77 in fp32 (attention scores are not stored: SDPA recomputes them);
+                   gradient checkpointing keeps only each layer's input, plus one layer's full set while it is
+                   recomputed.
+      lora_inputs  copies of their input that LoRA layers keep, T * B * (sum of the LoRA layers' input widths) * bytes:
+                   under autocast (16-bit on a GPU) the frozen layer's input is shared, and only dropout makes a copy
+                   (16-bit, plus a 1-byte mask); without autocast A and B are fp32, so next to 16-bit weights (bf16
+                   on a CPU) every LoRA layer keeps an fp32 copy of its input, and with dropout a dropped fp32 copy
+                   (plus the mask, a 4-byte float on a CPU). One layer's share with checkpointing.
+    """
+    a = model.args
+    # Each storage once (a tied head is the embedding), trainable tensors excluded (they are the "lora" line).
+    trainable = {p.untyped_storage().data_ptr() for p in model.parameters() if p.requires_grad}
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
+    weights = sum(n for ptr, n in storages.items() if ptr not in trainable)
+    tokens = cfg["batch_size"] * cfg["max_seq_len"]
+    on_gpu, dropout = str(cfg["device"]).startswith("cuda"), cfg["lora_dropout"] > 0
+    autocast = on_gpu and act_bytes == 2                         # train.py's rule (train.py: mixed_precision)
+    # Under autocast each RMSNorm keeps an fp32 copy of its input and autocast keeps its casts: 44, not 34.
+    kept = 77 if act_bytes == 4 else (44 if autocast else 34)    # bytes per token per dim per layer (lesson 12)
+    per_layer = kept * tokens * a.dim
+    acts = (a.n_layers * tokens * a.dim * act_bytes + per_layer) if cfg["gradient_checkpointing"] \
+        else a.n_layers * per_layer
+    lora_in = sum(m.lora_A.in_features for _, m in lora_layers(model))  # all layers' LoRA input widths, summed
+    mask = (1 if on_gpu else 4) if dropout else 0
+    copy = (2 if dropout else 0) if autocast else (4 if dropout or act_bytes == 2 else 0)
+    lora_inputs = tokens * lora_in * (copy + mask)
+    est = {"process": resident} if resident else {}
+    est |= {"weights": weights, "lora": 4 * n_trainable, "gradients": 4 * n_trainable,
+           "optimizer": 0 if cfg["optimizer"] == "paged_adamw" else 8 * n_trainable, "activations": acts,
+           "lora_inputs": lora_inputs / a.n_layers if cfg["gradient_checkpointing"] else lora_inputs}
+    est["total"] = sum(est.values())
+    return est
+
+
+# -- the measurement ------------------------------------------------------------------------------------------------
+
+def resident_memory():
+    """The process's resident memory now, in bytes (Linux; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def peak_memory(device):
+    """The most the run has held so far: allocated tensors on a GPU, the process's peak resident set on a CPU."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def give_back_freed_memory():
+    """
+    On a CPU, make freed tensors leave the process. glibc's malloc serves big blocks with mmap and unmaps them on
+    free, but after the first such free it raises that threshold (up to 32 MiB) and later blocks come from the heap,
+    which keeps freed memory for reuse: the measured peak then grows with every step's differently sized
+    activations (5.9 GiB against 2.0 estimated in an earlier quickstart). A fixed 1 MiB threshold keeps the
+    dynamic rule off, so the peak is what one step really holds (lesson 12 measures both).
+    """
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc (macOS, musl): nothing to set
+
+
+def gib(n):
+    return f"{n / 2**30:.2f} GiB"
