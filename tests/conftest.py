@@ -11,6 +11,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import pytest  # noqa: E402
 
 
+def save_with_tokenizer(model, tok_dir, path):
+    """A checkpoint folder as the commands expect one: the model's weights and config, and the tokenizer files of
+    tok_dir. Tests import it with `from conftest import save_with_tokenizer`. Returns the folder as a string."""
+    import shutil
+    model.save_pretrained(str(path))
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tok_dir, f), os.path.join(path, f))
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def bundled_dir():
     """The bundled SmolLM2 converted to Hugging Face layout (once; later runs reuse checkpoints/)."""
@@ -27,8 +37,6 @@ def bundled_gguf():
 @pytest.fixture(scope="session")
 def tiny_dir(bundled_dir, tmp_path_factory):
     """A tiny random LLaMA with the bundled tokenizer: train.py end to end in seconds."""
-    import shutil
-
     import torch
 
     from model import Llama, ModelArgs
@@ -36,7 +44,4 @@ def tiny_dir(bundled_dir, tmp_path_factory):
     torch.manual_seed(0)
     model = Llama(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, hidden_dim=128,
                             max_seq_len=1024, tie_embeddings=True))
-    model.save_pretrained(str(out))
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(bundled_dir, f), out / f)
-    return str(out)
+    return save_with_tokenizer(model, bundled_dir, out)

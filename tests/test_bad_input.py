@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import save_with_tokenizer
 
 import export
 import lora
@@ -51,11 +52,7 @@ def other_base(tmp_path, tiny_dir):
     torch.manual_seed(1)
     model = Llama(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=49152, hidden_dim=96,
                             max_seq_len=512, tie_embeddings=True))
-    out = tmp_path / "other"
-    model.save_pretrained(str(out))
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(tiny_dir, f), out / f)
-    return str(out)
+    return save_with_tokenizer(model, tiny_dir, tmp_path / "other")
 
 
 # -- weight files -----------------------------------------------------------------------------------------------

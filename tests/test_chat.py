@@ -1,12 +1,12 @@
 """sample.py's conversation: the commands, Ctrl-C and Ctrl-D, and the KV cache kept across turns giving exactly the
 tokens a from-scratch run of the whole history gives."""
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import save_with_tokenizer
 
 import sample
 from model import Llama, ModelArgs
@@ -27,11 +27,7 @@ def chat_dir(bundled_dir, tmp_path_factory):
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.3)
-    out = tmp_path_factory.mktemp("chat")
-    model.save_pretrained(str(out))
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(bundled_dir, f), out / f)
-    return str(out)
+    return save_with_tokenizer(model, bundled_dir, tmp_path_factory.mktemp("chat"))
 
 
 def scripted(lines):

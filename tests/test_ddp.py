@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import save_with_tokenizer
 
 import data
 import train
@@ -94,11 +95,7 @@ def test_nan_loss_on_one_process_stops_every_process(tiny_dir, tmp_path):
                             max_seq_len=1024, tie_embeddings=False))
     with torch.no_grad():
         model.model.embed_tokens.weight[token] = float("nan")
-    base = tmp_path / "poisoned"
-    model.save_pretrained(str(base))
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        with open(os.path.join(tiny_dir, f), "rb") as src, open(base / f, "wb") as dst:
-            dst.write(src.read())
+    base = save_with_tokenizer(model, tiny_dir, tmp_path / "poisoned")
     out, port = tmp_path / "out", free_port()
     procs = [subprocess.Popen([sys.executable, "train.py", *COMMON, f"--init_from={base}", f"--train_data={train_file}",
                                f"--val_data={val_file}", "--eval_interval=1", "--max_iters=3", f"--out_dir={out}"],
