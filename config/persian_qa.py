@@ -20,7 +20,7 @@ gradient_checkpointing = True
 lora_r = 32
 lora_alpha = 16
 lora_dropout = 0.1
-lora_targets = "all-linear"   # the QLoRA paper: adapters on every linear layer match full fine-tuning
+lora_targets = "all-linear"   # the QLoRA paper needed adapters on every linear layer to match full fine-tuning
 
 batch_size = 4
 grad_accum = 4                # 16 sequences per optimizer step

@@ -452,7 +452,7 @@ def lifecycle(path):
     ax.annotate("", xy=(9.3, 3.28), xytext=(4.35, 2.62),
                 arrowprops=dict(arrowstyle="-|>", color="tab:red", lw=1.5, connectionstyle="arc3,rad=0.05"))
     ax.text(5.3, 2.92, "fix the data, train again (the loop)", color="tab:red", fontsize=8.5, ha="center")
-    _box(ax, 0.2, 0.1, 3.4, 1.1, "merge the adapter, quantize, deploy\n(lessons 07, 08, 15)\nwatch real inputs: "
+    _box(ax, 0.2, 0.1, 3.4, 1.1, "merge the adapter, quantize, deploy\n(lessons 07, 08, 15, 16)\nwatch real inputs: "
          "they feed the next round", "#e1d5e7", fontsize=8.5)
     _arrow(ax, (3.1, 1.48), (2.5, 1.23))                           # from error analysis once good enough
     ax.text(3.6, 1.3, "good enough", fontsize=8, color="gray")
