@@ -1,5 +1,6 @@
-# QLoRA fine-tuning of Llama 2 7B chat on PersianQA, sized for one 12 GB GPU
-# (train.py's memory estimate: 6.3 GiB; lesson 13; measure yours with python bench/gpu_check.py).
+# QLoRA fine-tuning of Llama 2 7B chat on PersianQA, designed for one 12 GB GPU: train.py's memory estimate is
+# 6.3 GiB (lesson 13), not yet measured on a GPU. Measure it with python bench/gpu_check.py (bench/gpu_all.py
+# prints the whole GPU table).
 # Get the weights and data first:
 #   HF_TOKEN=hf_... python prepare.py meta-llama/Llama-2-7b-chat-hf   (accept Meta's licence on the Hub first)
 #   python prepare.py --data persian_qa
