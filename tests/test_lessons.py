@@ -1,8 +1,8 @@
 """
 The course must keep working: every lesson's code runs, and every pointer into the source is real.
 
-- Each ```python block of lessons/NN-*.md runs, in order, in ONE fresh interpreter per lesson (a lesson reads
-  top to bottom, so later blocks use names from earlier ones). The blocks are compiled with the markdown file as
+- Each ```python block of lessons/NN-*.md (and NNb-*.md) runs, in order, in ONE fresh interpreter per lesson (a
+  lesson reads top to bottom, so later blocks use names from earlier ones). The blocks are compiled with the markdown file as
   their file name and their real line numbers, so a traceback points at the lesson line that broke; the failure
   message names the lesson, the block number and the error. ```bash / ```text blocks are never run.
 - Every `file.py: name` reference in the lessons (and README) names a file that exists and a function, class,
@@ -22,7 +22,9 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LESSONS_DIR = os.path.join(ROOT, "lessons")
-LESSONS = sorted(f for f in os.listdir(LESSONS_DIR) if re.match(r"\d\d-[\w-]+\.md$", f))
+# NN-name.md, or NNb-name.md for a lesson split in two without renumbering the ones after it (14, 14b)
+LESSON_NAME = r"\d\d[a-z]?-[\w-]+\.md"
+LESSONS = sorted(f for f in os.listdir(LESSONS_DIR) if re.fullmatch(LESSON_NAME, f))
 DOCS = LESSONS + ["README.md"]
 BUNDLED = "checkpoints/SmolLM2-135M-Instruct"
 # Figures that come from a real training run (copied from train.py's out_dir), not from make_figures.py.
@@ -145,7 +147,8 @@ def test_defined_names_sees_methods_constants_and_guarded_defs(tmp_path):
 @pytest.mark.parametrize("lesson", LESSONS)
 def test_lesson_shape(lesson):
     text = read(lesson)
-    assert text.startswith(f"# {lesson[:2]} "), f"{lesson} must start with '# {lesson[:2]} <title>'"
+    number = lesson.split("-")[0]
+    assert text.startswith(f"# {number} "), f"{lesson} must start with '# {number} <title>'"
     assert code_blocks(text), f"{lesson} has no ```python block"
     headings = re.findall(r"^## (.+)$", text, flags=re.M)
     if headings and headings[-1] == "Solutions":
@@ -156,7 +159,7 @@ def test_lesson_shape(lesson):
 
 def test_readme_lists_every_lesson_in_order():
     text = read("README.md")
-    linked = [m for m in re.findall(r"\]\((\d\d-[\w-]+\.md)\)", text)]
+    linked = re.findall(rf"\]\(({LESSON_NAME})\)", text)
     order = list(dict.fromkeys(linked))
     assert order[:len(LESSONS)] == LESSONS, f"README must link the lessons in reading order: {LESSONS}"
 
