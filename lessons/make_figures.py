@@ -183,6 +183,14 @@ def _arrow(ax, start, end, color="black", **kw):
     ax.annotate("", xy=end, xytext=start, arrowprops=dict(arrowstyle="-|>", color=color, lw=1.2, **kw))
 
 
+def _residual_add(ax, x, y, below, above, r=0.2, fontsize=12):
+    """A residual addition: '+' in a circle at (x, y), the stream coming in from `below` and leaving to `above`."""
+    ax.add_patch(plt.Circle((x, y), r, facecolor="white", edgecolor="black"))
+    ax.text(x, y, "+", ha="center", va="center", fontsize=fontsize)
+    _arrow(ax, (x, below), (x, y - 0.2))
+    _arrow(ax, (x, y + r), (x, above))
+
+
 def llama_block(path):
     # The tiny model of lesson 02: 8 query heads share 2 key/value heads, so each group has 4.
     from model import ModelArgs
@@ -215,13 +223,8 @@ def llama_block(path):
         ax.plot([X - 0.15, X - 0.15], [y_from, y_plus], color="gray", lw=1.5)
         ax.plot([X - 0.15, X + W / 2 - 0.2], [y_plus, y_plus], color="gray", lw=1.5)
         ax.text(X - 0.25, (y_from + y_plus) / 2, label, rotation=90, va="center", ha="right", fontsize=8, color="gray")
-    for y in (6.05, 10.75):                                            # the additions
-        ax.add_patch(plt.Circle((X + W / 2, y), 0.2, facecolor="white", edgecolor="black"))
-        ax.text(X + W / 2, y, "+", ha="center", va="center", fontsize=12)
-    _arrow(ax, (X + W / 2, 5.82), (X + W / 2, 5.85))
-    _arrow(ax, (X + W / 2, 6.25), (X + W / 2, 6.68))
-    _arrow(ax, (X + W / 2, 10.32), (X + W / 2, 10.55))
-    _arrow(ax, (X + W / 2, 10.95), (X + W / 2, 11.4))
+    _residual_add(ax, X + W / 2, 6.05, 5.82, 6.68)                    # the additions
+    _residual_add(ax, X + W / 2, 10.75, 10.32, 11.4)
     ax.text(X + W / 2 + 0.1, 11.3, "to the next block (B, T, dim)", fontsize=8, va="center")
     ax.text(X + W + 0.1, 3.5, "self_attn\n(Attention)", fontsize=10, weight="bold", color="#1f4e79")
     ax.text(X + W + 0.1, 8.1, f"mlp  (SwiGLU MLP)\nhidden_dim = {a.hidden_dim}", fontsize=10, weight="bold",
@@ -527,13 +530,8 @@ def peft_attach(path):
         _box(ax, X, y, W, 0.55, text, color, fontsize=9)
         if i and key != "norm2":
             _arrow(ax, (X + W / 2, rows[order[i - 1]][0] + 0.57), (X + W / 2, y - 0.02))
-    for y in (4.8, 8.95):                                              # the residual additions
-        ax.add_patch(plt.Circle((X + W / 2, y), 0.18, facecolor="white", edgecolor="black"))
-        ax.text(X + W / 2, y, "+", ha="center", va="center", fontsize=11)
-    _arrow(ax, (X + W / 2, 4.47), (X + W / 2, 4.6))
-    _arrow(ax, (X + W / 2, 4.98), (X + W / 2, 5.28))
-    _arrow(ax, (X + W / 2, 8.57), (X + W / 2, 8.75))
-    _arrow(ax, (X + W / 2, 9.13), (X + W / 2, 9.45))
+    _residual_add(ax, X + W / 2, 4.8, 4.47, 5.28, r=0.18, fontsize=11)
+    _residual_add(ax, X + W / 2, 8.95, 8.57, 9.45, r=0.18, fontsize=11)
     ax.text(X + W / 2 + 0.1, 9.55, "to the next block (x n_layers)", fontsize=8, color="gray")
     # LoRA (and AdaLoRA, LoHa, LoKr): an update beside every chosen linear layer
     for key in ("qkv", "o", "gate_up", "down"):
