@@ -1,5 +1,6 @@
-# QLoRA fine-tuning of Llama 2 7B chat on PersianQA, sized for one 12 GB GPU
-# (train.py's memory estimate: 6.3 GiB; lesson 13; measure yours with python bench/gpu_check.py).
+# QLoRA fine-tuning of Llama 2 7B chat on PersianQA, designed for one 12 GB GPU: train.py's memory estimate is
+# 6.3 GiB (lesson 13), not yet measured on a GPU. Measure it with python bench/gpu_check.py (bench/gpu_all.py
+# prints the whole GPU table).
 # Get the weights and data first:
 #   HF_TOKEN=hf_... python prepare.py --hub_id=meta-llama/Llama-2-7b-chat-hf   (accept Meta's licence on the Hub first)
 #   python prepare.py --data=persian_qa
@@ -20,7 +21,7 @@ gradient_checkpointing = True
 lora_r = 32
 lora_alpha = 16
 lora_dropout = 0.1
-lora_targets = "all-linear"   # the QLoRA paper: adapters on every linear layer match full fine-tuning
+lora_targets = "all-linear"   # the QLoRA paper needed adapters on every linear layer to match full fine-tuning
 
 batch_size = 4
 grad_accum = 4                # 16 sequences per optimizer step

@@ -12,6 +12,10 @@ llama_block.png  lesson 02: one decoder block; which query heads share which key
 loss_mask.png    lesson 05: a real prompt's tokens and targets, -100 everywhere but the answer (bundled tokenizer)
 double_quant.png lesson 08: weights -> absmax per 64 -> 8-bit codes + a scale per 256, with bits per weight
 grad_accum.png   lesson 11: micro-batches, gradient accumulation and optimizer steps on a timeline
+tokens.png       lesson 04: one sentence in English and in Persian, cut into tokens by the bundled tokenizer
+peft_attach.png  lesson 06: where each PEFT method puts its trainable weights in a decoder block
+triton_grid.png  lesson 09: the programs of the dequantization kernel (1-D grid) and of the matvec kernel (2-D)
+gguf_layout.png  lesson 16: the byte layout of the bundled GGUF file, read with the gguf package
 The loss curve of lesson 15 is not drawn here: it is the curve train.py wrote during a real run.
 """
 import argparse
@@ -179,6 +183,14 @@ def _arrow(ax, start, end, color="black", **kw):
     ax.annotate("", xy=end, xytext=start, arrowprops=dict(arrowstyle="-|>", color=color, lw=1.2, **kw))
 
 
+def _residual_add(ax, x, y, below, above, r=0.2, fontsize=12):
+    """A residual addition: '+' in a circle at (x, y), the stream coming in from `below` and leaving to `above`."""
+    ax.add_patch(plt.Circle((x, y), r, facecolor="white", edgecolor="black"))
+    ax.text(x, y, "+", ha="center", va="center", fontsize=fontsize)
+    _arrow(ax, (x, below), (x, y - 0.2))
+    _arrow(ax, (x, y + r), (x, above))
+
+
 def llama_block(path):
     # The tiny model of lesson 02: 8 query heads share 2 key/value heads, so each group has 4.
     from model import ModelArgs
@@ -211,13 +223,8 @@ def llama_block(path):
         ax.plot([X - 0.15, X - 0.15], [y_from, y_plus], color="gray", lw=1.5)
         ax.plot([X - 0.15, X + W / 2 - 0.2], [y_plus, y_plus], color="gray", lw=1.5)
         ax.text(X - 0.25, (y_from + y_plus) / 2, label, rotation=90, va="center", ha="right", fontsize=8, color="gray")
-    for y in (6.05, 10.75):                                            # the additions
-        ax.add_patch(plt.Circle((X + W / 2, y), 0.2, facecolor="white", edgecolor="black"))
-        ax.text(X + W / 2, y, "+", ha="center", va="center", fontsize=12)
-    _arrow(ax, (X + W / 2, 5.82), (X + W / 2, 5.85))
-    _arrow(ax, (X + W / 2, 6.25), (X + W / 2, 6.68))
-    _arrow(ax, (X + W / 2, 10.32), (X + W / 2, 10.55))
-    _arrow(ax, (X + W / 2, 10.95), (X + W / 2, 11.4))
+    _residual_add(ax, X + W / 2, 6.05, 5.82, 6.68)                    # the additions
+    _residual_add(ax, X + W / 2, 10.75, 10.32, 11.4)
     ax.text(X + W / 2 + 0.1, 11.3, "to the next block (B, T, dim)", fontsize=8, va="center")
     ax.text(X + W + 0.1, 3.5, "self_attn\n(Attention)", fontsize=10, weight="bold", color="#1f4e79")
     ax.text(X + W + 0.1, 8.1, f"mlp  (SwiGLU MLP)\nhidden_dim = {a.hidden_dim}", fontsize=10, weight="bold",
@@ -433,7 +440,7 @@ def lifecycle(path):
     ]
     bottom = [
         ("fine-tune\nLoRA / QLoRA", "06-13", "#dae8fc"),
-        ("evaluate\nEM/F1, invented answers,\nforgetting", "14", "#dae8fc"),
+        ("evaluate\nEM/F1, invented answers,\nforgetting", "14, 14b", "#dae8fc"),
         ("error analysis\ncategorise the misses", "14", "#dae8fc"),
     ]
     w, h = 2.5, 1.1
@@ -452,7 +459,7 @@ def lifecycle(path):
     ax.annotate("", xy=(9.3, 3.28), xytext=(4.35, 2.62),
                 arrowprops=dict(arrowstyle="-|>", color="tab:red", lw=1.5, connectionstyle="arc3,rad=0.05"))
     ax.text(5.3, 2.92, "fix the data, train again (the loop)", color="tab:red", fontsize=8.5, ha="center")
-    _box(ax, 0.2, 0.1, 3.4, 1.1, "merge the adapter, quantize, deploy\n(lessons 07, 08, 15)\nwatch real inputs: "
+    _box(ax, 0.2, 0.1, 3.4, 1.1, "merge the adapter, quantize, deploy\n(lessons 07, 08, 15, 16)\nwatch real inputs: "
          "they feed the next round", "#e1d5e7", fontsize=8.5)
     _arrow(ax, (3.1, 1.48), (2.5, 1.23))                           # from error analysis once good enough
     ax.text(3.6, 1.3, "good enough", fontsize=8, color="gray")
@@ -463,9 +470,267 @@ def lifecycle(path):
     plt.close(fig)
 
 
+def tokens(path, english="The capital of Iran is Tehran.", persian="پایتخت ایران تهران است."):
+    # The same sentence in both languages, cut by the bundled tokenizer (lesson 04). The tokenizer's offsets give
+    # the characters each token covers; two tokens covering the same letter are its two UTF-8 bytes.
+    from tokenizer import Tokenizer
+    tok = Tokenizer(BUNDLED)
+    fig, axes = plt.subplots(2, 1, figsize=(12, 4.4))
+    for ax, text, rtl in ((axes[0], english, False), (axes[1], persian, True)):
+        enc = tok.tk.encode(text, add_special_tokens=False)
+        spans = enc.offsets                                              # (start, end) characters of each token
+        n, words = len(spans), len(text.split())
+        width = 11.6 / max(n, 10)
+        for i, (start, end) in enumerate(spans):
+            x = 11.8 - (i + 1) * width if rtl else 0.2 + i * width       # Persian reads right to left
+            shared = [j for j in (i - 1, i + 1) if 0 <= j < n and spans[j][0] < end and start < spans[j][1]]
+            label = text[start:end].strip() or "' '"
+            if shared:                                                   # half a letter: one of its two bytes
+                label += f"\nbyte {1 if shared[0] > i else 2}/2"
+            word = text[:end].count(" ") if text[start] != " " else text[:start + 1].count(" ")
+            color = ("#dae8fc", "#fff2cc")[word % 2] if not shared else "#f4a582"
+            ax.add_patch(plt.Rectangle((x, 0.2), width * 0.94, 1.0, facecolor=color, edgecolor="black", lw=0.8))
+            ax.text(x + width * 0.47, 0.7, label, ha="center", va="center", fontsize=9 if not shared else 7.5)
+            ax.text(x + width * 0.47, 0.05, str(enc.ids[i]), ha="center", va="center", fontsize=6.5, color="gray")
+        ax.text(0.2, 1.3, f"{'Persian' if rtl else 'English'}: {words} words -> {n} tokens "
+                f"({n / words:.1f} per word)", fontsize=10, va="bottom")
+        ax.text(11.8, 1.3, text, fontsize=12, va="bottom", ha="right")
+        ax.set_xlim(0, 12)
+        ax.set_ylim(-0.1, 1.6)
+        ax.axis("off")
+    fig.text(0.01, 0.01, "SmolLM2's byte-level BPE (the bundled tokenizer.json); each token's id below it. Colours "
+             "alternate by word. Orange: a token holding one byte of a two-byte Persian letter,\nwhose two bytes "
+             "this mostly English vocabulary never merged into one token.", fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def peft_attach(path):
+    # Where each PEFT method of lesson 06 puts its trainable weights in one decoder block. The linear layers are
+    # read from model.py's Llama, so the names are the real module names.
+    from model import Llama, ModelArgs
+    tiny = Llama(ModelArgs(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=32, hidden_dim=128, max_seq_len=8))
+    linears = [n.rsplit(".", 1)[-1] for n, m in tiny.model.layers[0].named_modules() if isinstance(m, torch.nn.Linear)]
+    fig, ax = plt.subplots(figsize=(12, 7.2))
+    ax.set_xlim(0, 12)
+    ax.set_ylim(0, 9.9)
+    ax.axis("off")
+    lora, ia3, adapter, prefix, prompt = "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#1f77b4"
+    X, W = 2.6, 3.2                                                    # the block's column
+    rows = {"emb": (0.3, "token embeddings (B, T, dim)", "#f2f2f2"), "norm1": (1.2, "RMSNorm", "#fff2cc"),
+            "qkv": (2.1, "   ".join(n for n in linears if n[0] in "qkv"), "#dae8fc"),
+            "attn": (3.0, "attention", "#dae8fc"), "o": (3.9, "o_proj", "#dae8fc"),
+            "norm2": (5.3, "RMSNorm", "#fff2cc"), "gate_up": (6.2, "   ".join(n for n in linears if n[0] in "gu"),
+                                                              "#d5e8d4"),
+            "act": (7.1, "silu(gate) * up", "#d5e8d4"), "down": (8.0, "down_proj", "#d5e8d4")}
+    order = list(rows)
+    for i, key in enumerate(order):
+        y, text, color = rows[key]
+        _box(ax, X, y, W, 0.55, text, color, fontsize=9)
+        if i and key != "norm2":
+            _arrow(ax, (X + W / 2, rows[order[i - 1]][0] + 0.57), (X + W / 2, y - 0.02))
+    _residual_add(ax, X + W / 2, 4.8, 4.47, 5.28, r=0.18, fontsize=11)
+    _residual_add(ax, X + W / 2, 8.95, 8.57, 9.45, r=0.18, fontsize=11)
+    ax.text(X + W / 2 + 0.1, 9.55, "to the next block (x n_layers)", fontsize=8, color="gray")
+    # LoRA (and AdaLoRA, LoHa, LoKr): an update beside every chosen linear layer
+    for key in ("qkv", "o", "gate_up", "down"):
+        y = rows[key][0]
+        _box(ax, X + W + 0.15, y + 0.04, 0.6, 0.47, "B A", "white", fontsize=8.5, edgecolor=lora, lw=1.5, color=lora)
+    # (IA)^3: vectors rescaling the keys and values, and the MLP's hidden units
+    for key, text in (("attn", "keys, values"), ("act", "hidden units")):
+        y = rows[key][0] + 0.27
+        ax.add_patch(plt.Circle((X - 0.3, y), 0.2, facecolor="white", edgecolor=ia3, lw=1.5))
+        ax.text(X - 0.3, y, "l", ha="center", va="center", color=ia3, fontsize=10)
+        ax.text(X - 0.58, y, f"x {text}", ha="right", va="center", color=ia3, fontsize=8)
+    # adapters: a bottleneck after the attention and after the MLP, before each residual addition
+    for key, y_plus in (("o", 4.8), ("down", 8.95)):
+        top = rows[key][0] + 0.57                                      # the layer's output h leaves here
+        _box(ax, X + W + 1.0, y_plus - 0.3, 1.45, 0.5, "adapter\ndown, act, up", "white", fontsize=7.5,
+             edgecolor=adapter, lw=1.5, color=adapter)
+        _arrow(ax, (X + W - 0.4, top), (X + W + 0.98, y_plus - 0.15), color=adapter)
+        _arrow(ax, (X + W + 0.98, y_plus + 0.1), (X + W / 2 + 0.2, y_plus + 0.02), color=adapter)
+    # prefix tuning: learned keys and values in every layer's attention
+    y = rows["attn"][0]
+    _box(ax, X + W + 1.0, y, 1.45, 0.55, "virtual keys\nand values", "white", fontsize=7.5, edgecolor=prefix,
+         lw=1.5, color=prefix)
+    _arrow(ax, (X + W + 0.98, y + 0.27), (X + W + 0.02, y + 0.27), color=prefix)
+    # prompt tuning, P-tuning, multitask prompt tuning: learned embeddings before the text, at the input only
+    y = rows["emb"][0]
+    _box(ax, 0.15, y, 1.95, 0.55, "virtual tokens", "white", fontsize=8.5, edgecolor=prompt, lw=1.5, color=prompt)
+    _arrow(ax, (2.12, y + 0.27), (X - 0.02, y + 0.27), color=prompt)
+    legend = [(lora, "LoRA (and AdaLoRA, LoHa, LoKr): an update B A\nbeside chosen linear layers (here: all).\n"
+                     "Merges into the weights. Built in lora.py."),
+              (ia3, "(IA)^3: vectors that rescale keys, values\nand the MLP's hidden units.\nMerges into "
+                    "k_proj, v_proj, down_proj."),
+              (adapter, "Adapters: a small bottleneck network after\nthe attention and after the MLP.\nRuns on "
+                        "every request."),
+              (prefix, "Prefix tuning: learned keys and values every\ntoken can attend to, in every layer.\nRuns "
+                       "on every request."),
+              (prompt, "Prompt tuning, P-tuning, multitask prompt\ntuning: learned input embeddings.\nEvery "
+                       "request carries them.")]
+    for i, (color, text) in enumerate(legend):
+        y = 8.6 - i * 1.75
+        ax.add_patch(plt.Rectangle((8.25, y + 0.2), 0.3, 0.3, color=color))
+        ax.text(8.7, y + 0.35, text, fontsize=8.5, va="center")
+    ax.text(8.25, 9.55, "where each method trains (lesson 06)", fontsize=10, weight="bold")
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def triton_grid(path, n_bytes=5, bytes_per_program=2, N=67, K=201, M=3):
+    # Lesson 09's two launches on its own small examples: the dequantization kernel's 1-D grid (5 packed bytes,
+    # 2 per program) and the matrix-vector kernel's 2-D grid (a 67 x 201 weight), cut the way
+    # kernels.py: matvec_triton cuts it under the interpreter.
+    from kernels import programs_wanted
+
+    def cdiv(a, b):
+        return -(-a // b)
+    block_n, block_k = 32, 64                                          # as kernels.py: matvec_triton sets them
+    n_blocks, k_blocks = cdiv(N, block_n), cdiv(K, block_k)
+    splits = max(1, min(k_blocks, cdiv(programs_wanted(torch.device("cpu")), n_blocks)))
+    k_per_split = cdiv(k_blocks, splits) * block_k
+    splits = cdiv(K, k_per_split)
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.6), gridspec_kw={"width_ratios": [1, 1.35]})
+    # Left: one program per BYTES packed bytes; each byte becomes two weights, the high nibble first.
+    programs = cdiv(n_bytes, bytes_per_program)
+    for pid in range(programs):
+        for lane in range(bytes_per_program):
+            byte = pid * bytes_per_program + lane
+            x, real = byte * 1.0, byte < n_bytes
+            ax1.add_patch(plt.Rectangle((x, 3), 0.9, 0.8, facecolor=colors[pid] if real else "white",
+                                        alpha=0.6 if real else 1, edgecolor="black", hatch=None if real else "//"))
+            ax1.text(x + 0.45, 3.4, f"byte {byte}" if real else "masked", ha="center", va="center", fontsize=7.5)
+            for half in (0, 1):
+                ax1.add_patch(plt.Rectangle((x + half * 0.45, 1.4), 0.43, 0.8,
+                                            facecolor=colors[pid] if real else "white", alpha=0.35 if real else 1,
+                                            edgecolor="black", hatch=None if real else "//"))
+                if real:
+                    ax1.text(x + half * 0.45 + 0.215, 1.8, f"w{2 * byte + half}", ha="center", va="center",
+                             fontsize=7)
+            if real:
+                _arrow(ax1, (x + 0.45, 2.98), (x + 0.45, 2.22), color="gray")
+        ax1.text(pid * bytes_per_program + bytes_per_program / 2 - 0.05, 4.05, f"program {pid}", ha="center",
+                 fontsize=9, color=colors[pid], weight="bold")
+    ax1.text(0, 4.6, f"1-D grid: cdiv({n_bytes} bytes, BYTES={bytes_per_program}) = {programs} programs",
+             fontsize=10, weight="bold")
+    ax1.text(0, 0.9, "each program: byte = pid * BYTES + arange(BYTES), masked past the end;\n"
+             "two weights per byte, high nibble first (w0 = NF4[byte >> 4] * absmax)", fontsize=8.5, va="top")
+    n, bpp = 11008 * 4096, 1024
+    ax1.text(0, -0.2, f"the real launch: BYTES = {bpp}, so an 11,008 x 4,096 weight\n({n // 2:,} bytes) runs "
+             f"{cdiv(n // 2, bpp):,} programs", fontsize=8.5, va="top")
+    ax1.set_xlim(-0.2, programs * bytes_per_program + 0.2)
+    ax1.set_ylim(-1.2, 5)
+    ax1.axis("off")
+    # Right: W (N x K) cut into BLOCK_N rows along grid axis 0 and slices of K along axis 1.
+    sx, sy = 5.0 / K, 4.0 / N                                          # drawing units per column / per row
+    for i in range(n_blocks):
+        for j in range(splits):
+            r0, c0 = i * block_n, j * k_per_split
+            rows, cols = min(block_n, N - r0), min(k_per_split, K - c0)
+            c = colors[(i * splits + j) % len(colors)]
+            ax2.add_patch(plt.Rectangle((c0 * sx, 4 - (r0 + rows) * sy), cols * sx, rows * sy, facecolor=c, alpha=0.3,
+                                        edgecolor="black"))
+            ax2.text((c0 + cols / 2) * sx, 4 - (r0 + rows / 2) * sy, f"program ({i}, {j})", ha="center",
+                     va="center", fontsize=8)
+            for k in range(c0 + block_k, c0 + cols, block_k):          # the BLOCK_K chunks it walks
+                ax2.plot([k * sx, k * sx], [4 - r0 * sy, 4 - (r0 + rows) * sy], ls=":", color="black", lw=0.8)
+            if r0 + block_n > N:                                       # the last band hangs over the end: masked
+                ax2.add_patch(plt.Rectangle((c0 * sx, 4 - (r0 + block_n) * sy), cols * sx, (r0 + block_n - N) * sy,
+                                            facecolor="white", edgecolor="gray", hatch="//", ls="--"))
+    ax2.text(K * sx / 2, 4.08, f"K = {K} inputs (columns of W)", ha="center", va="bottom", fontsize=8)
+    ax2.text(-0.08, 2, f"N = {N} outputs (rows of W)", rotation=90, ha="right", va="center", fontsize=8)
+    ax2.text(0, 5.45, f"2-D grid for y = x W^T, W ({N} x {K}), x ({M} x {K}): {n_blocks} x {splits} programs",
+             fontsize=10, weight="bold")
+    ax2.text(0, 4.4, f"axis 0: BLOCK_N = {block_n} output features each; axis 1: slices of {k_per_split} columns "
+             f"of K,\nwalked in BLOCK_K = {block_k} chunks (dotted); hatched: rows past N, masked", fontsize=8.5,
+             va="bottom")
+    ax2.text(0, 4 - (n_blocks * block_n) * sy - 0.25,
+             f"each program keeps an fp32 accumulator ({M} rows x {block_n} features) and stores it as a partial "
+             f"sum;\nmatvec_triton adds the {splits} slices' partial sums in a fixed order, then rounds each output "
+             f"once.\nUnder the interpreter programs_wanted() = {programs_wanted(torch.device('cpu'))}; on a GPU "
+             "it is 4 per streaming\nmultiprocessor, so K is cut into more slices.", fontsize=8.5, va="top")
+    ax2.set_xlim(-0.4, 5.4)
+    ax2.set_ylim(-1.7, 5.7)
+    ax2.set_aspect("auto")
+    ax2.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def gguf_layout(path):
+    # The byte layout of a real GGUF file: the bundled SmolLM2 (written by llama.cpp's converter; export.py writes
+    # the same four parts). Every offset and count is read from the file with the gguf package.
+    import gguf
+    from collections import Counter
+    from prepare import bundled_gguf_path
+    r = gguf.GGUFReader(bundled_gguf_path())
+    fields, size = r.fields, os.path.getsize(bundled_gguf_path())
+
+    def nbytes(field):
+        return sum(part.nbytes for part in field.parts)
+
+    infos_start = min(t.field.offset for t in r.tensors)
+    infos_end = max(t.field.offset + nbytes(t.field) for t in r.tensors)
+    tokenizer_bytes = sum(nbytes(f) for name, f in fields.items() if name.startswith("tokenizer."))
+    types = Counter(t.tensor_type.name for t in r.tensors)
+    value = {name: f.contents() for name, f in fields.items() if not name.startswith("tokenizer.ggml.")}
+    parts = [  # (name, first byte, end, colour, what it holds)
+        ("header", 0, 24, "#f2f2f2",
+         f"magic 'GGUF', version {value['GGUF.version']}, {value['GGUF.tensor_count']} tensors, "
+         f"{value['GGUF.kv_count']} key/value pairs"),
+        ("metadata: key/value pairs", 24, infos_start, "#fff2cc",
+         f"general.architecture = {value['general.architecture']}, llama.block_count = {value['llama.block_count']}, "
+         f"llama.embedding_length = {value['llama.embedding_length']},\nllama.attention.head_count = "
+         f"{value['llama.attention.head_count']} (kv {value['llama.attention.head_count_kv']}), "
+         f"llama.rope.freq_base = {value['llama.rope.freq_base']:g}, ... (config.json's role)\n"
+         f"the tokenizer: tokenizer.ggml.model = {fields['tokenizer.ggml.model'].contents()}, pre = "
+         f"{fields['tokenizer.ggml.pre'].contents()}, {len(fields['tokenizer.ggml.tokens'].data):,} tokens, "
+         f"{len(fields['tokenizer.ggml.merges'].data):,} merges,\nbos/eos ids, tokenizer.chat_template: "
+         f"{100 * tokenizer_bytes / (infos_start - 24):.1f}% of the metadata's bytes"),
+        ("tensor infos", infos_start, infos_end, "#dae8fc",
+         "per tensor: name, number of dims, dims (innermost first), type, offset into the data; e.g.\n"
+         + "\n".join(f"  {t.name}  {t.shape.tolist()}  {t.tensor_type.name}  offset {t.data_offset - r.data_offset:,}"
+                     for t in r.tensors[:3])),
+        (f"padding to {r.alignment} bytes", infos_end, r.data_offset, "white",
+         f"the data starts at a multiple of the alignment ({r.alignment}: general.alignment, or 32 when absent)"
+         + ("; here the infos already end on one" if infos_end == r.data_offset else "")),
+        ("tensor data", r.data_offset, size, "#d5e8d4",
+         f"{len(r.tensors)} tensors, each aligned to {r.alignment} bytes so it can be memory-mapped and used in place:\n"
+         + ", ".join(f"{n} in {t}" for t, n in types.most_common())
+         + " (norms stay f32; a tied output head is not written)"),
+    ]
+    fig, ax = plt.subplots(figsize=(12, 6.4))
+    ax.set_xlim(0, 12)
+    ax.set_ylim(-0.3, 6.6)
+    ax.axis("off")
+    # left: the file to scale (the data dwarfs the rest); right: each part, not to scale
+    ax.text(0.2, 6.35, f"{os.path.basename(bundled_gguf_path())}: {size / 1e6:.1f} MB", fontsize=10, weight="bold")
+    ax.text(0.2, 6.05, "to scale", fontsize=8, color="gray")
+    y_top, height = 5.8, 5.6
+    for name, start, end, color, _ in parts:
+        y0, y1 = y_top - height * start / size, y_top - height * end / size
+        ax.add_patch(plt.Rectangle((0.3, y1), 0.6, y0 - y1, facecolor=color, edgecolor="black", lw=0.6))
+    heights = [0.55, 1.45, 1.2, 0.45, 0.9]
+    y = 5.95
+    for (name, start, end, color, text), h in zip(parts, heights):
+        y -= h + 0.15
+        _box(ax, 1.6, y, 2.2, h, f"{name}\nfrom byte {start:,}\n{end - start:,} bytes", color, fontsize=8)
+        ax.text(4.0, y + h / 2, text, fontsize=7.8, va="center", family="monospace" if name == "tensor infos"
+                else None)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
 FIGURES = {"rope.png": rope, "nf4.png": nf4, "lora_shapes.png": lora_shapes, "memory.png": memory,
            "llama_block.png": llama_block, "loss_mask.png": loss_mask,
-           "double_quant.png": double_quant, "grad_accum.png": grad_accum, "lifecycle.png": lifecycle}
+           "double_quant.png": double_quant, "grad_accum.png": grad_accum, "lifecycle.png": lifecycle,
+           "tokens.png": tokens, "peft_attach.png": peft_attach, "triton_grid.png": triton_grid,
+           "gguf_layout.png": gguf_layout}
 
 
 def main(argv=None):
