@@ -308,14 +308,17 @@ def load_state_one_by_one(args, tensors, dtype, device, quantize=None, where="")
         parent, child = modname.rsplit(".", 1)
         setattr(model.get_submodule(parent), child, layer)
         loaded.add(key)
-    missing = sorted(wanted - loaded)
-    if missing or unexpected:
-        raise ValueError(f"{where}: checkpoint does not match the model: "
-                         + (f"missing keys: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}" if missing else "")
-                         + ("; " if missing and unexpected else "")
-                         + (f"unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
-                            if unexpected else ""))
+    check_keys(where, sorted(wanted - loaded), unexpected)
     return finish_loading(model, device)
+
+
+def check_keys(where, missing, unexpected):
+    """One error for a checkpoint whose keys are not the model's, naming the first few of each kind."""
+    few = lambda keys: ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")  # noqa: E731
+    problems = ([f"missing keys: {few(missing)}"] if missing else []) + \
+               ([f"unexpected keys: {few(unexpected)}"] if unexpected else [])
+    if problems:
+        raise ValueError(f"{where}: checkpoint does not match the model: " + "; ".join(problems))
 
 
 def set_tensor(model, key, t, quantize=None):
