@@ -28,7 +28,6 @@ import time
 
 import torch
 
-import common
 
 # -- settings (defaults; override with --key=value or a config file, see configurator.py) -------------------------
 out_dir = "/tmp/bench_export"  # scratch folder for the random checkpoint and the exports (emptied at the end)
@@ -39,7 +38,7 @@ n_kv_heads = 4
 hidden_dim = 5632
 vocab_size = 49152           # ... with SmolLM2's vocabulary, whose tokenizer the GGUF needs: 1.17B parameters
 lora_r = 16                  # the adapter: LoRA of this rank on every linear layer
-type = "f16"                 # what export.py writes: GGUF f32 | f16 | bf16 | q8_0 | q4_0, or with folder=True f32 | f16 | bf16
+type = "f16"                 # what export.py writes: GGUF f32 | f16 | bf16 | q8_0 | q4_0; folder=True: f32 | f16 | bf16
 folder = False               # export a merged Hugging Face folder instead of a GGUF file
 reference = True             # also measure the whole-model path (fp32 for GGUF: 4 bytes a parameter, and more)
 seed = 0                     # of the random weights
@@ -141,13 +140,14 @@ def main(argv=None):
     args = ModelArgs(dim=cfg["dim"], n_layers=cfg["n_layers"], n_heads=cfg["n_heads"], n_kv_heads=cfg["n_kv_heads"],
                      hidden_dim=cfg["hidden_dim"], vocab_size=cfg["vocab_size"], max_seq_len=2048)
     if os.path.exists(cfg["out_dir"]) and os.listdir(cfg["out_dir"]):
-        sys.exit(f"error: out_dir {cfg['out_dir']} is not empty; pass a new or empty --out_dir (it is emptied at the end)")
+        sys.exit(f"error: out_dir {cfg['out_dir']} is not empty; pass a new or empty --out_dir (it is emptied at "
+                 f"the end)")
     worker_argv = [a for a in argv if not a.startswith("--worker=")]
     try:
         n_params, largest = write_checkpoint(cfg, args)
-        print(f"export: {n_params / 1e6:,.0f}M random parameters (bf16, {2 * n_params / 2**30:.2f} GiB on disk; largest "
-              f"tensor {largest / 1e6:.1f}M, {4 * largest / 2**20:.0f} MiB in fp32) + LoRA r={cfg['lora_r']} on every "
-              f"linear layer -> {'folder' if cfg['folder'] else 'GGUF'} {cfg['type']}", flush=True)
+        print(f"export: {n_params / 1e6:,.0f}M random parameters (bf16, {2 * n_params / 2**30:.2f} GiB on disk; "
+              f"largest tensor {largest / 1e6:.1f}M, {4 * largest / 2**20:.0f} MiB in fp32) + LoRA r={cfg['lora_r']} "
+              f"on every linear layer -> {'folder' if cfg['folder'] else 'GGUF'} {cfg['type']}", flush=True)
         runs = {}
         for system in ("streamed", "whole") if cfg["reference"] else ("streamed",):
             runs[system] = r = run_worker(os.path.abspath(__file__), worker_argv + [f"--worker={system}"])

@@ -241,7 +241,7 @@ def save_sharded(model, path):
     """A bf16 checkpoint in two shards with model.safetensors.index.json, as big Hub checkpoints come."""
     from safetensors.torch import save_file
     model.to(torch.bfloat16).save_pretrained(str(path))
-    sd = {k: v.contiguous() for k, v in model.state_dict().items() if not (model.args.tie_embeddings and k == "lm_head.weight")}
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}  # untied: every tensor is stored
     os.remove(path / "model.safetensors")
     keys = sorted(sd)
     shards = {"model-00001-of-00002.safetensors": keys[:len(keys) // 2],
@@ -309,8 +309,9 @@ def test_adapter_trained_in_4_bits_merges_into_the_16_bit_base(base_and_adapter,
     qlora = shutil.copytree(adapter, tmp_path / "qlora")
     (qlora / "config.json").write_text(json.dumps({"quantize": "nf4", "init_from": base}))
     export.main([f"--adapter={qlora}", f"--out={tmp_path}/a.gguf"])
+    said = capsys.readouterr().out
     assert (f"weights: {base} (bf16), read one tensor at a time; {qlora} was trained on their 4-bit NF4 rounding "
-            f"(its config.json: quantize='nf4'), and is merged here into these bf16 originals") in capsys.readouterr().out
+            f"(its config.json: quantize='nf4'), and is merged here into these bf16 originals") in said
     export.main([f"--adapter={adapter}", f"--out={tmp_path}/b.gguf"])
     assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
     Llama.from_pretrained(base, quantize="nf4").save_pretrained(str(tmp_path / "q4"))  # a *-bnb-4bit checkpoint
