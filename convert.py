@@ -25,7 +25,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model import Llama, ModelArgs, rope_cache
+from model import Llama, ModelArgs, rope_cache, rope_frequencies
 from quant import Linear4bit
 
 HF_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -64,8 +64,9 @@ GGUF_KEYS = {
 # model every command uses when it is given none.
 BUNDLED_DIR = os.path.join("checkpoints", "SmolLM2-135M-Instruct")
 
-# Keys some checkpoints carry that hold nothing we need (they are recomputed).
-IGNORED = re.compile(r"(rotary_emb\.inv_freq|^rope\.freqs)$")
+# Keys some checkpoints carry that hold nothing we need (they are recomputed). A GGUF's rope_freqs.weight (Llama 3.1's
+# frequency scaling, llama.cpp's way) is read once, by args_from_gguf, into ModelArgs.rope_scaling.
+IGNORED = re.compile(r"(rotary_emb\.inv_freq|^rope\.freqs|^rope_freqs\.weight)$")
 
 
 def rename(key, table):
@@ -308,14 +309,17 @@ def load_state_one_by_one(args, tensors, dtype, device, quantize=None, where="")
         parent, child = modname.rsplit(".", 1)
         setattr(model.get_submodule(parent), child, layer)
         loaded.add(key)
-    missing = sorted(wanted - loaded)
-    if missing or unexpected:
-        raise ValueError(f"{where}: checkpoint does not match the model: "
-                         + (f"missing keys: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}" if missing else "")
-                         + ("; " if missing and unexpected else "")
-                         + (f"unexpected keys: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
-                            if unexpected else ""))
+    check_keys(where, sorted(wanted - loaded), unexpected)
     return finish_loading(model, device)
+
+
+def check_keys(where, missing, unexpected):
+    """One error for a checkpoint whose keys are not the model's, naming the first few of each kind."""
+    few = lambda keys: ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")  # noqa: E731
+    problems = ([f"missing keys: {few(missing)}"] if missing else []) + \
+               ([f"unexpected keys: {few(unexpected)}"] if unexpected else [])
+    if problems:
+        raise ValueError(f"{where}: checkpoint does not match the model: " + "; ".join(problems))
 
 
 def set_tensor(model, key, t, quantize=None):
@@ -421,14 +425,44 @@ def args_from_gguf(reader, max_seq_len=None):
     if arch != "llama":
         raise ValueError(f"unsupported GGUF architecture {arch!r}: this project implements LLaMA models")
     g = lambda k, d=None: _gguf_value(reader, f"llama.{k}", d)  # noqa: E731
-    names = {t.name for t in reader.tensors}
-    n_heads = g("attention.head_count")
-    return ModelArgs(dim=g("embedding_length"), n_layers=g("block_count"), n_heads=n_heads,
+    tensors = {t.name: t for t in reader.tensors}
+    n_heads, dim, theta = g("attention.head_count"), g("embedding_length"), g("rope.freq_base", 10000.0)
+    head_dim = g("attention.key_length", dim // n_heads)  # written only when it is not dim / n_heads
+    scaling = None
+    if "rope_freqs.weight" in tensors:
+        factors = torch.from_numpy(tensors["rope_freqs.weight"].data.copy()).float()         # (head_dim/2,)
+        scaling = llama3_scaling(factors, head_dim, theta)
+    return ModelArgs(dim=dim, n_layers=g("block_count"), n_heads=n_heads, head_dim=head_dim,
                      n_kv_heads=g("attention.head_count_kv", n_heads), hidden_dim=g("feed_forward_length"),
                      vocab_size=len(_gguf_value(reader, "tokenizer.ggml.tokens")),
-                     norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=g("rope.freq_base", 10000.0),
+                     norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=theta, rope_scaling=scaling,
                      max_seq_len=max_seq_len or min(g("context_length", 4096), 8192),
-                     tie_embeddings="output.weight" not in names)
+                     tie_embeddings="output.weight" not in tensors)
+
+
+def llama3_scaling(factors, head_dim, theta):
+    """
+    Llama 3.1's rope_scaling, rebuilt from llama.cpp's rope_freqs.weight: one divisor per frequency, and no metadata
+    key for the parameters. The largest divisor is `factor`. Every Llama 3.x has low_freq_factor 1 and
+    high_freq_factor 4; with those, one blended frequency (divided by less than factor, more than 1) gives
+    original_max_position_embeddings: model.py divides it by 1 / ((1 - s) / factor + s), with
+    s = (old_len / wavelength - 1) / (4 - 1). The rebuilt scaling must give back every stored divisor.
+    """
+    factor = factors.max().item()
+    wavelen = 2 * math.pi / rope_frequencies(head_dim, theta)                               # (head_dim/2,)
+    blended = (factors > 1 + 1e-6) & (factors < factor * (1 - 1e-6))
+    scaling = None
+    if blended.any():
+        i = int(blended.nonzero()[0])
+        s = (1 / factors[i].item() - 1 / factor) / (1 - 1 / factor)
+        old_len = round(wavelen[i].item() * (1 + s * (4 - 1)))
+        scaling = {"rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                   "original_max_position_embeddings": old_len}
+    if scaling is None or not torch.allclose(
+            rope_frequencies(head_dim, theta) / rope_frequencies(head_dim, theta, scaling), factors, rtol=1e-5):
+        raise ValueError(f"rope_freqs.weight holds {factors.tolist()}: not Llama 3.1's frequency scaling with "
+                         f"low_freq_factor 1 and high_freq_factor 4, the only kind this reader rebuilds")
+    return scaling
 
 
 def read_gguf(reader, args):

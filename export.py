@@ -1,9 +1,9 @@
 """
 Taking a fine-tune home: merge the adapter into its base and write either a Hugging Face folder (any LLaMA tool
-loads it as a normal model) or one file that llama.cpp, Ollama and LM Studio run: GGUF.
+loads it as a normal model) or one file that llama.cpp, Ollama and LM Studio run: GGUF, with an Ollama Modelfile.
 
     python export.py --adapter=out/quickstart --out=checkpoints/smollm2-persian      # a merged HF folder
-    python export.py --adapter=out/quickstart --out=smollm2-persian.gguf            # GGUF, f16
+    python export.py --adapter=out/quickstart --out=smollm2-persian.gguf            # GGUF, f16, + .Modelfile
     python export.py --adapter=out/quickstart --out=smollm2-persian-q8.gguf --type=q8_0
     python export.py --init_from=checkpoints/SmolLM2-135M-Instruct --out=smollm2.gguf --type=q4_0
 
@@ -11,13 +11,16 @@ A GGUF file is a header of key/value metadata (the architecture's sizes, the tok
 table of tensors (name, shape, type, offset), then the tensor bytes. Everything llama.cpp needs is in that one
 file; nothing is read from config.json or tokenizer.json at run time.
 
-The folder is the short path: load, merge (lora.py: merge_lora), save_pretrained, copy the tokenizer files.
-The GGUF steps, top to bottom: load the base in fp32 and merge the adapter into it, rename each tensor to
-llama.cpp's name and put q/k rows back in llama.cpp's interleaved RoPE order (the inverse of what convert.py does
-when it reads a GGUF), choose each tensor's type, write the metadata and the tokenizer, then the tensors.
+The model is never loaded: stream.py reads the base one tensor at a time, merges the adapter into it and hands it
+to the writer, so a 7B export fits a laptop (Meta's layout and 4-bit checkpoints are the exception: they are loaded
+whole and merged in memory). The GGUF steps, top to bottom: rename each tensor to llama.cpp's name and put q/k rows
+back in llama.cpp's interleaved RoPE order (the inverse of what convert.py does when it reads a GGUF), choose each
+tensor's type, write the metadata and the tokenizer, then the tensors; then the Modelfile that tells Ollama the
+chat template. The folder: the merged tensors into one safetensors file, config.json and the tokenizer files.
 """
 
 import json
+import math
 import os
 import shutil
 import sys
@@ -38,11 +41,13 @@ settings = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 
 import gguf  # noqa: E402
 
+import stream  # noqa: E402
 from configurator import configure  # noqa: E402
-from convert import GGUF_KEYS, atomic_write, half_to_interleaved, permute_qk  # noqa: E402
+from convert import GGUF_KEYS, atomic_write, half_to_interleaved, hf_config, permute_qk, write_json  # noqa: E402
 from lora import find_base, load_model, merge_lora  # noqa: E402
 from model import rope_frequencies  # noqa: E402
-from quant import Linear4bit  # noqa: E402
+from modelfile import write_modelfile  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 G = gguf.GGMLQuantizationType
 TYPES = {  # --type -> (the matrices' GGML type, the file_type llama.cpp reports)
@@ -67,32 +72,37 @@ def gguf_name(key):
     return HF_TO_GGUF[key]
 
 
-def gguf_tensors(model):
-    """(llama.cpp name, fp32 tensor) for every weight. A tied output head is not written: llama.cpp uses
-    token_embd for the output when output.weight is absent, as our model does."""
-    args = model.args
-    for key, w in model.state_dict().items():
-        if key == "lm_head.weight" and args.tie_embeddings:
-            continue
-        w = w.detach().float().cpu()
-        # llama.cpp's RoPE rotates interleaved pairs (x0, x1), (x2, x3), ... as Meta's code did; Hugging Face
-        # checkpoints (and we) rotate halves. Permuting q/k rows back makes llama.cpp compute the same thing.
-        yield gguf_name(key), permute_qk(key, w, args, half_to_interleaved)
+def gguf_tensors(args, shapes):
+    """(llama.cpp name, shape, our name) of every tensor the file holds, in the model's order; our name is None for
+    rope_freqs. A tied output head is not in `shapes`: llama.cpp uses token_embd for the output when output.weight
+    is absent, as our model does."""
+    plan = [(gguf_name(key), shape, key) for key, shape in shapes.items()]
     if args.rope_scaling and args.rope_scaling.get("rope_type", args.rope_scaling.get("type")) == "llama3":
+        plan.append(("rope_freqs.weight", (args.head_dim // 2,), None))
+    return plan
+
+
+def llama_cpp_tensor(weights, key):
+    """One tensor in fp32, as llama.cpp reads it."""
+    args = weights.args
+    if key is None:
         # llama.cpp reads Llama 3.1's frequency scaling as one divisor per frequency (rope_freqs.weight),
         # the same numbers model.py's rope_frequencies applies: plain frequency / scaled frequency.
         plain = rope_frequencies(args.head_dim, args.rope_theta)                          # (head_dim/2,)
-        yield "rope_freqs.weight", plain / rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
+        return plain / rope_frequencies(args.head_dim, args.rope_theta, args.rope_scaling)
+    # llama.cpp's RoPE rotates interleaved pairs (x0, x1), (x2, x3), ... as Meta's code did; Hugging Face
+    # checkpoints (and we) rotate halves. Permuting q/k rows back makes llama.cpp compute the same thing.
+    return permute_qk(key, weights.get(key).float(), args, half_to_interleaved)
 
 
-def tensor_type(w, wanted):
+def tensor_type(shape, wanted):
     """1-D tensors (the RMSNorm gains, rope_freqs) stay f32, as llama.cpp keeps them: they are tiny and its norm
     kernels read f32. q8_0 and q4_0 cut each row into blocks of 32 values, so a matrix whose rows are not a multiple
     of 32 long cannot use them: it falls back to f16 (llama.cpp's converter does the same)."""
-    if w.dim() == 1:
+    if len(shape) == 1:
         return G.F32
     block = gguf.GGML_QUANT_SIZES[wanted][0]
-    return wanted if w.shape[1] % block == 0 else G.F16
+    return wanted if shape[1] % block == 0 else G.F16
 
 
 def encode_tensor(w, qtype):
@@ -153,7 +163,6 @@ def sentencepiece_vocab(folder):
 
 
 def add_tokenizer(w, folder, vocab_size):
-    from tokenizer import Tokenizer
     tok = Tokenizer(folder)
     if tok.kind == "bpe":
         tokens, types, scores, merges, pre = bpe_vocab(folder)
@@ -188,8 +197,7 @@ def add_tokenizer(w, folder, vocab_size):
 
 # ----------------------------------------------------------------------------------------------------------------
 
-def add_metadata(w, model, folder, ftype):
-    args = model.args
+def add_metadata(w, args, folder, ftype):
     ctx = args.max_seq_len
     cfg_path = os.path.join(folder, "config.json")
     if os.path.exists(cfg_path):  # model.py caps max_seq_len at 8192; the file states what the model was trained for
@@ -214,26 +222,27 @@ def add_metadata(w, model, folder, ftype):
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def write_gguf(model, folder, path, type_name="f16", progress=True):
-    """Write a dense (merged) model and the tokenizer of checkpoint `folder` as a GGUF file at `path`."""
+def write_gguf(weights, folder, path, type_name="f16", progress=True):
+    """Write `weights` (stream.Weights: merged, dense) and the tokenizer of checkpoint `folder` as a GGUF file."""
     from tqdm import tqdm
     qtype, ftype = TYPES[type_name]
     w = gguf.GGUFWriter(None, "llama")
-    add_metadata(w, model, folder, ftype)
-    add_tokenizer(w, folder, model.args.vocab_size)
-    # The table of tensors comes before their bytes, so every shape and type is declared first; the bytes are
-    # then converted one tensor at a time while writing (a model never sits in memory twice).
-    plan = [(name, t, tensor_type(t, qtype)) for name, t in gguf_tensors(model)]
-    for name, t, tt in plan:
+    add_metadata(w, weights.args, folder, ftype)
+    add_tokenizer(w, folder, weights.args.vocab_size)
+    # The table of tensors comes before their bytes, so every shape and type is declared first (the shapes are
+    # known without reading a tensor); the bytes are then read, merged and converted one tensor at a time.
+    plan = [(name, shape, key, tensor_type(shape, qtype)) for name, shape, key in gguf_tensors(weights.args,
+                                                                                               weights.shapes)]
+    for name, shape, key, tt in plan:
         block, size = gguf.GGML_QUANT_SIZES[tt]
-        w.add_tensor_info(name, tuple(t.shape), np.float32, t.numel() // block * size, raw_dtype=tt)
+        w.add_tensor_info(name, shape, np.float32, math.prod(shape) // block * size, raw_dtype=tt)
 
     def write(tmp):
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        for name, t, tt in tqdm(plan, desc=f"writing {type_name}", unit="tensor", disable=not progress):
-            w.write_tensor_data(encode_tensor(t, tt))
+        for name, shape, key, tt in tqdm(plan, desc=f"writing {type_name}", unit="tensor", disable=not progress):
+            w.write_tensor_data(encode_tensor(llama_cpp_tensor(weights, key), tt))
         w.close()
     atomic_write(path, write)
     return path
@@ -247,21 +256,29 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "chat_template.jinja", "generation_config.json")
 
 
+def read_config(folder):
+    """A folder's config.json as a dict, {} when it has none (Meta's layout, an adapter not written by train.py)."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
 def base_type(base):
     """The dtype a checkpoint was saved in (its config.json), as a --type name; f32 when it does not say."""
-    path = os.path.join(base, "config.json")
-    with open(path) as f:
-        cfg = json.load(f)
+    cfg = read_config(base)
     names = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
     return names.get(cfg.get("torch_dtype") or cfg.get("dtype"), "f32")
 
 
-def write_folder(model, base, out_dir):
-    """save_pretrained into a temporary folder beside out_dir, with the base's tokenizer files, then rename it:
-    a crash leaves no half model. Returns the tokenizer files copied."""
+def write_folder(weights, base, out_dir, dtype):
+    """model.safetensors (one tensor at a time), config.json and the base's tokenizer files into a temporary folder
+    beside out_dir, then rename it: a crash leaves no half model. Returns the tokenizer files copied."""
     tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)), prefix=os.path.basename(out_dir) + ".tmp-")
     try:
-        model.save_pretrained(tmp)
+        stream.write_safetensors(os.path.join(tmp, "model.safetensors"), weights, dtype)
+        write_json(os.path.join(tmp, "config.json"), hf_config(weights.args, dtype), indent=2)
         copied = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(base, f))]
         for f in copied:
             shutil.copyfile(os.path.join(base, f), os.path.join(tmp, f))
@@ -275,6 +292,33 @@ def write_folder(model, base, out_dir):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Which weights. A checkpoint in 16 or 32 bits streams (stream.py). A 4-bit (NF4) checkpoint only has its rounded
+# weights: GGUF has no NF4 type, so it takes them dequantized, and only when asked. An adapter trained by QLoRA
+# (train.py's config.json beside it says quantize="nf4") learned its update on the NF4 rounding of a 16-bit base;
+# when that base is on disk (the adapter names it, or --init_from), its 16-bit weights are the ones merged: the
+# originals the 4-bit ones approximated.
+
+def open_weights(base, adapter, dtype, to_gguf, dequantize):
+    """(stream.Weights of base + adapter in `dtype`, a line saying which weights they are)."""
+    config = read_config(base)
+    if config.get("quantization_config") and to_gguf and not dequantize:
+        raise ValueError(f"{base} is a 4-bit (NF4) checkpoint and GGUF has no NF4 type; pass --init_from=<the "
+                         f"16-bit checkpoint it was made from> (the better weights), or --dequantize=True to write "
+                         f"its dequantized weights")
+    if config and not config.get("quantization_config"):
+        weights = stream.merged_weights(base, adapter, dtype)
+        which = f"{base} ({base_type(base)}), read one tensor at a time"
+    else:  # Meta's layout, or 4-bit: loaded whole and merged in memory (4-bit layers dequantized)
+        model, _ = load_model(base, adapter, dtype=dtype)
+        weights = stream.model_weights(merge_lora(model))
+        which = f"{base} ({'4-bit NF4, dequantized' if config else 'Meta layout'}), loaded whole"
+    if adapter and read_config(adapter).get("quantize") == "nf4" and not config.get("quantization_config"):
+        which += (f"; {adapter} was trained on their 4-bit NF4 rounding (its config.json: quantize='nf4'), and is "
+                  f"merged here into these {base_type(base)} originals")
+    return weights, which
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 def check_out(cfg, to_gguf):
     """Exit with one line on a bad --type or --out; nothing is ever overwritten."""
@@ -284,8 +328,9 @@ def check_out(cfg, to_gguf):
     if cfg["type"] and cfg["type"] not in types:
         sys.exit(f"error: type must be one of {', '.join(types)} for a {'GGUF file' if to_gguf else 'folder'}, "
                  f"got {cfg['type']!r}")
-    if to_gguf and os.path.exists(out):
-        sys.exit(f"error: {out} exists; pass a new --out file (nothing is overwritten)")
+    for path in ((out, out[:-len(".gguf")] + ".Modelfile") if to_gguf else ()):
+        if os.path.exists(path):
+            sys.exit(f"error: {path} exists; pass a new --out file (nothing is overwritten)")
     if not to_gguf and os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         sys.exit(f"error: {out} exists and is not an empty folder; pass a new --out folder")
 
@@ -297,24 +342,25 @@ def main(argv=None):
     try:
         base = find_base(cfg["init_from"], cfg["adapter"])
         type_name = cfg["type"] or ("f16" if to_gguf else base_type(base))
-        # GGUF: merge in fp32 and round once when writing. Folder: load in the dtype it writes; each merged weight
-        # is still summed in fp32 and rounded once (lora.py), so a 16-bit base merges to the same bytes as in fp32,
-        # in half the memory (13.5 GB for 7B instead of 27).
+        # GGUF: merge in fp32 and round once when writing. Folder: read in the dtype it writes; each merged weight
+        # is still summed in fp32 and rounded once (lora.py: merge_weight), so a 16-bit base merges to the same
+        # bytes as in fp32.
         dtype = torch.float32 if to_gguf else FOLDER_TYPES[type_name]
-        model, base = load_model(cfg["init_from"], cfg["adapter"], dtype=dtype)
-        if to_gguf and any(isinstance(m, Linear4bit) for m in model.modules()) and not cfg["dequantize"]:
-            sys.exit(f"error: {base} is a 4-bit (NF4) checkpoint and GGUF has no NF4 type; pass --dequantize=True "
-                     f"to write its dequantized weights (better: export from the 16-bit base it was made from)")
-        merge_lora(model)  # W0 + scaling * B A into every adapted layer; 4-bit layers become dense
+        weights, which = open_weights(base, cfg["adapter"], dtype, to_gguf, cfg["dequantize"])
+        print(f"weights: {which}")
         if to_gguf:
-            write_gguf(model, base, cfg["out"], type_name)
+            write_gguf(weights, base, cfg["out"], type_name)
+            modelfile, family = write_modelfile(cfg["out"], base)
         else:
-            copied = write_folder(model.to(dtype), base, cfg["out"])
+            copied = write_folder(weights, base, cfg["out"], dtype)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     made = f"{base}" + (f" + {cfg['adapter']}" if cfg["adapter"] else "")
     if to_gguf:
         print(f"wrote {cfg['out']} ({type_name}, {os.path.getsize(cfg['out']) / 2**20:.1f} MiB) from {made}")
+        name = os.path.basename(cfg["out"])[:-len(".gguf")]
+        print(f"wrote {modelfile} ({family or 'no'} chat template): ollama create {name} -f {modelfile}; "
+              f"ollama run {name}")
     else:
         print(f"wrote {cfg['out']}/ ({type_name}, merged; copied {', '.join(copied) or 'no tokenizer files'}) "
               f"from {made}")

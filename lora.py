@@ -60,6 +60,12 @@ def lora_scaling(r, alpha, use_rslora=False):
     return alpha / math.sqrt(r) if use_rslora else alpha / r
 
 
+def merge_weight(w, lora_A, lora_B, scaling):
+    """w + scaling * B A, summed in fp32 and rounded once to w's dtype: a layer's merge, and export.py's merge of a
+    checkpoint streamed from disk (stream.py), which must give the same bytes."""
+    return (w.float() + ((lora_B @ lora_A) * scaling).float()).to(w.dtype)  # (out, r) @ (r, in) -> (out, in)
+
+
 class LoRALinear(nn.Module):
     """y = base(x) + scaling * B(A(dropout(x))). The base is frozen; lora_A and lora_B are the trained part.
 
@@ -124,7 +130,7 @@ class LoRALinear(nn.Module):
 
     def merged_weight(self, w):
         """w + scaling * B A, summed in fp32 and rounded once to w's dtype."""
-        return (w.float() + self.delta_weight().float()).to(w.dtype)
+        return merge_weight(w, self.lora_A.weight, self.lora_B.weight, self.scaling)
 
     @torch.no_grad()
     def merge(self):
@@ -351,7 +357,7 @@ def read_adapter_config(adapter_dir):
     return cfg
 
 
-def _read_adapter_weights(adapter_dir):
+def read_adapter_weights(adapter_dir):
     st, pt = (os.path.join(adapter_dir, f"adapter_model.{ext}") for ext in ("safetensors", "bin"))
     if os.path.exists(st):
         try:
@@ -374,7 +380,7 @@ def load_adapter(model, adapter_dir):
     """Load a PEFT LoRA adapter into the model. If the model has no LoRA yet, it is applied first with the
     adapter's settings. Returns the model (frozen base, trainable LoRA: ready to infer or to train on)."""
     cfg = read_adapter_config(adapter_dir)
-    tensors = _read_adapter_weights(adapter_dir)
+    tensors = read_adapter_weights(adapter_dir)
     r, alpha, rslora = cfg["r"], cfg["lora_alpha"], cfg.get("use_rslora", False)
     if not hasattr(model, "lora_config"):
         apply_lora(model, r, alpha, cfg.get("lora_dropout", 0.0), cfg["target_modules"], rslora,

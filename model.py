@@ -256,6 +256,22 @@ class Llama(nn.Module):
             a.cache_v = torch.zeros(shape, dtype=dtype or ref.dtype, device=device or ref.device)
             a.cache_pad = None if n_pad is None else n_pad.to(device or ref.device)
 
+    def grow_cache(self, length):
+        """Make room for `length` positions in every layer's cache, keeping what it holds (a chat: the cache grows
+        with the conversation instead of being allocated for the whole context before the first word). It at least
+        doubles, so a long conversation copies its cache a few times, not once per turn."""
+        have = self.model.layers[0].self_attn.cache_k.shape[2]
+        if length <= have:
+            return
+        new = min(max(length, 2 * have), self.args.max_seq_len)
+        for layer in self.model.layers:
+            a = layer.self_attn
+            for name in ("cache_k", "cache_v"):
+                old = getattr(a, name)                                         # (B, n_kv_heads, have, head_dim)
+                grown = old.new_zeros(old.shape[0], old.shape[1], new, old.shape[3])
+                grown[:, :, :have] = old
+                setattr(a, name, grown)                                        # (B, n_kv_heads, new, head_dim)
+
     def clear_cache(self):
         for layer in self.model.layers:
             layer.self_attn.cache_k = layer.self_attn.cache_v = layer.self_attn.cache_pad = None

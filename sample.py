@@ -71,12 +71,15 @@ def common_prefix(a, b):
     return n
 
 
+CHAT_CACHE = 256  # positions a conversation's KV cache starts with
+
+
 def conversation(model, tok, cfg, read=input):
     """Read user turns with read() until EOF or /exit; stream each answer. Returns one record per answered turn:
     {"tokens": the prompt's length, "reused": how many of them came from the cache, "answer": the text}."""
     system, history, turns = cfg["system"], [], []
     cached = []                        # the token ids whose keys/values the cache holds, position by position
-    model.setup_cache(1, model.args.max_seq_len)
+    model.setup_cache(1, min(CHAT_CACHE, model.args.max_seq_len))  # grown turn by turn (Llama.grow_cache)
     while True:
         try:
             line = read("> ").strip()
@@ -106,6 +109,7 @@ def conversation(model, tok, cfg, read=input):
             continue
         # At least the last prompt token goes through the model: its logits choose the first answer token.
         keep = min(common_prefix(cached, ids), len(ids) - 1)
+        model.grow_cache(min(len(ids) + cfg["max_new_tokens"], model.args.max_seq_len))
         try:
             answer, made = stream(model, tok, ids[keep:], cfg, start_pos=keep)
             # The last token generated was sampled but never fed back, so the cache ends just before it.

@@ -193,3 +193,12 @@ def test_gpu_all_runs_its_cpu_steps(tiny_dir, tmp_path):
     assert "crossover: fused faster" in text and "step 4: train loss" in text and "EM " in text
     import torch
     assert torch.load(tmp_path / "qlora" / "train_state.pt", weights_only=True)["pos"]["iter"] == 4  # resumed to 4
+
+
+@pytest.mark.parametrize("folder, kind", [(False, "q8_0"), (True, "bf16")])
+def test_export_smoke(tmp_path, folder, kind):
+    """bench/export.py: the streamed export and the whole-model path write the same bytes; the scratch folder goes."""
+    out = run_smoke("export.py", f"--out_dir={tmp_path / 'scratch'}", f"--folder={folder}", f"--type={kind}",
+                    units={"export_peak_rss": "MiB"})
+    assert "outputs identical: True" in out and "streamed (python export.py)" in out
+    assert not os.path.exists(tmp_path / "scratch")

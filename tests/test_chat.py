@@ -102,3 +102,27 @@ def test_chat_command_reads_stdin(chat_dir):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip() == (
         "error: interactive=True is a conversation: pass --chat=True too")
+
+
+def test_the_cache_grows_with_the_conversation(chat_dir, monkeypatch):
+    """A chat's KV cache starts small and grows as the conversation does (doubling, copying what it holds); a long
+    conversation gives the tokens of one whose cache was allocated for the whole context from the start."""
+    model, tok = Llama.from_pretrained(chat_dir), Tokenizer(chat_dir)
+    lines = ["Hello!", "پایتخت ایران کجاست؟", "And of France? 🇫🇷", "Tell me more.", "Why?", "Thanks, bye."]
+    sizes = []
+
+    def read_and_measure(prompt):
+        sizes.append(model.model.layers[0].self_attn.cache_k.shape[2])  # positions the cache has room for
+        return next(it, "/exit")
+
+    monkeypatch.setattr(sample, "CHAT_CACHE", 16)
+    it = iter(lines)
+    grown = sample.conversation(model, tok, CFG, read=read_and_measure)
+    assert sizes[0] == 16 and sizes == sorted(sizes) and len(set(sizes)) >= 3  # grew several times
+    needed = [t["tokens"] + CFG["max_new_tokens"] for t in grown]                # prompt + the longest answer
+    assert all(room >= need for room, need in zip(sizes[1:], needed))
+    assert sizes[1] < 2 * needed[0] and sizes[-1] < 2 * needed[-1] < model.args.max_seq_len  # never the context
+    monkeypatch.setattr(sample, "CHAT_CACHE", model.args.max_seq_len)  # the whole context before the first word
+    it = iter(lines)
+    full = sample.conversation(model, tok, CFG, read=read_and_measure)
+    assert [t["answer"] for t in grown] == [t["answer"] for t in full] and all(t["answer"] for t in full)

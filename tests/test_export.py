@@ -1,7 +1,11 @@
 """export.py: GGUF files that read back to the same weights (our reader, convert.py), load in transformers' GGUF
 loader with the same logits and the same tokens, keep each tensor in its right type, and refuse bad input in one line.
+The streamed export (stream.py: the base read one tensor at a time) writes the bytes of the whole-model path; the
+Modelfile renders conversations as the model's chat template does; a Llama 3.1 GGUF reads back with its scaling.
 """
+import json
 import os
+import re
 import shutil
 
 import gguf
@@ -10,10 +14,12 @@ import torch
 
 import export
 import lora
+import modelfile
+import stream
 from convert import args_from_gguf, half_to_interleaved, interleaved_to_half, load_state_one_by_one, read_gguf
 from model import Llama, ModelArgs, rope_frequencies
 from test_bad_input import error_line, make_adapter
-from tokenizer import Tokenizer
+from tokenizer import TEMPLATES, Tokenizer
 
 SMALL_VOCAB = 320  # rows of the tiny models' embedding: small_tok's 300 tokens, then unused rows
 
@@ -48,9 +54,18 @@ def small_tok(tmp_path_factory):
 
 def folder_of(model, tok_dir, path):
     model.save_pretrained(str(path))
-    for f in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(os.path.join(tok_dir, f), path / f)
+    copy_tokenizer(tok_dir, path)
     return str(path)
+
+
+def copy_tokenizer(tok_dir, path):
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(tok_dir, f), os.path.join(path, f))
+
+
+def write_gguf(folder, path, kind):
+    """The GGUF writer on a checkpoint folder, streamed (what export.py does without an adapter)."""
+    return export.write_gguf(stream.merged_weights(folder), folder, str(path), kind, progress=False)
 
 
 def read_back(path):
@@ -69,7 +84,7 @@ def untied(small_tok, tmp_path_factory):
 @pytest.mark.parametrize("kind", ["f32", "f16", "bf16"])
 def test_float_types_read_back_bit_exact(untied, kind, tmp_path):
     model, folder = untied
-    export.write_gguf(model, folder, tmp_path / "m.gguf", kind, progress=False)
+    write_gguf(folder, tmp_path / "m.gguf", kind)
     back = read_back(tmp_path / "m.gguf").state_dict()
     rounding = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[kind]
     for key, w in model.state_dict().items():
@@ -84,7 +99,7 @@ def test_block_types_read_back_within_their_rounding(untied, kind, bound, tmp_pa
     0.083-0.088 (a step is 1/8 of the block's largest value in q4_0, 1/127 in q8_0); a block written to the wrong
     place would be off by about the weights' own size (relative error ~1.4)."""
     model, folder = untied
-    export.write_gguf(model, folder, tmp_path / "m.gguf", kind, progress=False)
+    write_gguf(folder, tmp_path / "m.gguf", kind)
     back = read_back(tmp_path / "m.gguf").state_dict()
     qtype = export.TYPES[kind][0]
     args = model.args
@@ -106,7 +121,7 @@ def test_tensor_names_types_and_metadata(small_tok, tmp_path):
     # hidden_dim=80: ffn_down's rows are 80 long, not a multiple of q4_0's 32-value blocks -> it falls back to f16
     model = tiny(tie=True, hidden_dim=80)
     folder = folder_of(model, small_tok, tmp_path / "m")
-    export.write_gguf(model, folder, tmp_path / "m.gguf", "q4_0", progress=False)
+    write_gguf(folder, tmp_path / "m.gguf", "q4_0")
     r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
     types = {t.name: t.tensor_type for t in r.tensors}
     G = gguf.GGMLQuantizationType
@@ -130,7 +145,7 @@ def test_llama3_rope_scaling_is_written_as_llama_cpp_frequency_factors(small_tok
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
     model = tiny(rope_scaling=scaling)
-    export.write_gguf(model, folder_of(model, small_tok, tmp_path / "m"), tmp_path / "m.gguf", "f32", progress=False)
+    write_gguf(folder_of(model, small_tok, tmp_path / "m"), tmp_path / "m.gguf", "f32")
     r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
     factors = torch.from_numpy(next(t for t in r.tensors if t.name == "rope_freqs.weight").data.copy())
     # llama.cpp divides each frequency by its factor: that must give model.py's scaled frequencies
@@ -186,9 +201,14 @@ def test_bad_input(small_tok, tmp_path, capsys):
     # a 4-bit checkpoint: GGUF has no NF4, so the weights would have to be dequantized; only when asked
     Llama.from_pretrained(base, quantize="nf4").save_pretrained(str(tmp_path / "q4"))
     shutil.copy(os.path.join(base, "tokenizer.json"), tmp_path / "q4")
-    assert error_line(export.main, [f"--init_from={tmp_path}/q4", f"--out={tmp_path}/q.gguf"], capsys).startswith(
-        f"error: {tmp_path}/q4 is a 4-bit (NF4) checkpoint and GGUF has no NF4 type; pass --dequantize=True")
+    assert error_line(export.main, [f"--init_from={tmp_path}/q4", f"--out={tmp_path}/q.gguf"], capsys) == (
+        f"error: {tmp_path}/q4 is a 4-bit (NF4) checkpoint and GGUF has no NF4 type; pass --init_from=<the 16-bit "
+        f"checkpoint it was made from> (the better weights), or --dequantize=True to write its dequantized weights")
     assert sorted(os.listdir(tmp_path)) == ["base", "q4", "there.gguf"]  # nothing half-written
+    (tmp_path / "taken.Modelfile").write_text("FROM mine")
+    assert error_line(export.main, [f"--init_from={base}", f"--out={tmp_path}/taken.gguf"], capsys) == (
+        f"error: {tmp_path}/taken.Modelfile exists; pass a new --out file (nothing is overwritten)")
+    os.remove(tmp_path / "taken.Modelfile")
     export.main([f"--init_from={tmp_path}/q4", f"--out={tmp_path}/q.gguf", "--dequantize=True", "--type=f32"])
     assert read_back(tmp_path / "q.gguf").args.n_layers == 2
 
@@ -204,7 +224,7 @@ def test_sentencepiece_tokenizer_exports_as_llama_cpp_llama_model(tmp_path):
     model = tiny(vocab_size=384)
     model.save_pretrained(str(tmp_path))
     (tmp_path / "g").mkdir()  # a folder of its own: next to tokenizer.model, transformers would read that instead
-    export.write_gguf(model, str(tmp_path), tmp_path / "g" / "m.gguf", "f16", progress=False)
+    write_gguf(str(tmp_path), tmp_path / "g" / "m.gguf", "f16")
     r = gguf.GGUFReader(str(tmp_path / "g" / "m.gguf"))
     assert r.fields["tokenizer.ggml.model"].contents() == "llama"
     assert r.fields["tokenizer.ggml.token_type"].contents()[3] == export.BYTE  # <0x00>, after <unk> <s> </s>
@@ -212,3 +232,217 @@ def test_sentencepiece_tokenizer_exports_as_llama_cpp_llama_model(tmp_path):
     tok = Tokenizer(str(tmp_path))
     for s in ("The capital of Iran", "پایتخت ایران", "emoji 🤗 falls back to bytes"):
         assert tk.encode(s, add_special_tokens=False) == tok.encode(s), s
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streaming: the base read one tensor at a time gives the bytes of loading it whole and merging in memory.
+
+def save_sharded(model, path):
+    """A bf16 checkpoint in two shards with model.safetensors.index.json, as big Hub checkpoints come."""
+    from safetensors.torch import save_file
+    model.to(torch.bfloat16).save_pretrained(str(path))
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}  # untied: every tensor is stored
+    os.remove(path / "model.safetensors")
+    keys = sorted(sd)
+    shards = {"model-00001-of-00002.safetensors": keys[:len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, part in shards.items():
+        save_file({k: sd[k] for k in part}, str(path / name), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {k: name for name, part in shards.items() for k in part}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.fixture(scope="module", params=["tied", "untied"])
+def base_and_adapter(request, small_tok, tmp_path_factory):
+    """A bf16 base (sharded when untied) and an all-linear adapter with a real update and a module saved whole
+    (the tied embedding, or the untied head)."""
+    tie = request.param == "tied"
+    out = tmp_path_factory.mktemp(request.param)
+    if tie:
+        tiny(tie=True, std=0.05).to(torch.bfloat16).save_pretrained(str(out / "base"))
+    else:
+        save_sharded(tiny(tie=False, std=0.05), out / "base")
+    copy_tokenizer(small_tok, out / "base")
+    model = lora.apply_lora(Llama.from_pretrained(str(out / "base")), r=4, alpha=8, targets="all-linear",
+                            modules_to_save=("embed_tokens",) if tie else ("lm_head",))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.1)
+    lora.save_adapter(model, str(out / "adapter"), base_model_name_or_path=str(out / "base"))
+    return str(out / "base"), str(out / "adapter")
+
+
+def whole_model(base, adapter, dtype):
+    """What export.py did before it streamed (and still does for Meta's layout and 4-bit checkpoints): load the
+    base and the adapter, merge in memory."""
+    model, _ = lora.load_model(base, adapter, dtype=dtype)
+    return lora.merge_lora(model)
+
+
+@pytest.mark.parametrize("kind", ["f16", "q8_0", "q4_0"])
+def test_streamed_gguf_is_the_whole_model_gguf(base_and_adapter, kind, tmp_path, capsys):
+    base, adapter = base_and_adapter
+    export.main([f"--adapter={adapter}", f"--out={tmp_path}/streamed.gguf", f"--type={kind}"])
+    assert f"weights: {base} (bf16), read one tensor at a time" in capsys.readouterr().out
+    reference = stream.model_weights(whole_model(base, adapter, torch.float32))
+    export.write_gguf(reference, base, str(tmp_path / "whole.gguf"), kind, progress=False)
+    assert (tmp_path / "streamed.gguf").read_bytes() == (tmp_path / "whole.gguf").read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["", "f32", "f16"])  # "": the base's own bf16
+def test_streamed_folder_is_save_pretrained_of_the_merged_model(base_and_adapter, kind, tmp_path):
+    """Our safetensors writer against safetensors' own save_file (through save_pretrained), byte for byte."""
+    base, adapter = base_and_adapter
+    export.main([f"--adapter={adapter}", f"--out={tmp_path}/streamed", f"--type={kind}"])
+    dtype = export.FOLDER_TYPES[kind or "bf16"]
+    whole_model(base, adapter, dtype).save_pretrained(str(tmp_path / "whole"))
+    for f in ("model.safetensors", "config.json"):
+        assert (tmp_path / "streamed" / f).read_bytes() == (tmp_path / "whole" / f).read_bytes(), f
+
+
+def test_adapter_trained_in_4_bits_merges_into_the_16_bit_base(base_and_adapter, tmp_path, capsys):
+    """train.py's config.json beside the adapter says quantize="nf4": the 16-bit base it names is still what is
+    merged, and the command says so. A 4-bit checkpoint as the adapter's base: --init_from points at the original."""
+    base, adapter = base_and_adapter
+    qlora = shutil.copytree(adapter, tmp_path / "qlora")
+    (qlora / "config.json").write_text(json.dumps({"quantize": "nf4", "init_from": base}))
+    export.main([f"--adapter={qlora}", f"--out={tmp_path}/a.gguf"])
+    said = capsys.readouterr().out
+    assert (f"weights: {base} (bf16), read one tensor at a time; {qlora} was trained on their 4-bit NF4 rounding "
+            f"(its config.json: quantize='nf4'), and is merged here into these bf16 originals") in said
+    export.main([f"--adapter={adapter}", f"--out={tmp_path}/b.gguf"])
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+    Llama.from_pretrained(base, quantize="nf4").save_pretrained(str(tmp_path / "q4"))  # a *-bnb-4bit checkpoint
+    copy_tokenizer(base, tmp_path / "q4")
+    cfg = json.loads((qlora / "adapter_config.json").read_text())
+    (qlora / "adapter_config.json").write_text(json.dumps(dict(cfg, base_model_name_or_path=str(tmp_path / "q4"))))
+    assert "--init_from=<the 16-bit checkpoint it was made from>" in error_line(
+        export.main, [f"--adapter={qlora}", f"--out={tmp_path}/c.gguf"], capsys)
+    export.main([f"--adapter={qlora}", f"--init_from={base}", f"--out={tmp_path}/c.gguf"])
+    assert (tmp_path / "c.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+
+
+def test_llama3_gguf_reads_back_with_its_scaling_and_logits(small_tok, tmp_path):
+    """Llama 3.1's scaling goes out as rope_freqs.weight (no metadata key holds it) and comes back as the same
+    rope_scaling, so the model read back computes the same logits, bit for bit in f32."""
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+    model = tiny(tie=False, rope_scaling=scaling)
+    export.main([f"--init_from={folder_of(model, small_tok, tmp_path / 'm')}", f"--out={tmp_path}/m.gguf",
+                 "--type=f32"])
+    back = read_back(tmp_path / "m.gguf")
+    assert back.args.rope_scaling == scaling
+    idx = torch.randint(0, SMALL_VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))  # past old_len 32
+    with torch.no_grad():
+        assert torch.equal(back(idx)[0], model(idx)[0])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The Modelfile, read back as Ollama reads it, and its template run by a small Go-template renderer.
+
+def parse_modelfile(text):
+    """{"FROM": ..., "TEMPLATE": ..., "SYSTEM": ..., "PARAMETER": [(name, value)]}: one instruction per line, a
+    value in triple quotes may span lines."""
+    out = {"PARAMETER": []}
+    for m in re.finditer(r'^([A-Z]+) (?:"""(.*?)"""|([^\n]*))$', text, re.M | re.S):
+        word, value = m[1], m[2] if m[2] is not None else m[3]
+        if word == "PARAMETER":
+            name, _, v = value.partition(" ")
+            out["PARAMETER"].append((name, json.loads(v) if v.startswith('"') else float(v)))
+        else:
+            out[word] = value
+    return out
+
+
+def render_go(template, system, messages):
+    """Go's text/template, the part the Modelfile uses: text, {{ .Field }}, {{ $var }}, {{ $var := x }},
+    {{ $var = x }}, {{ if x }} / {{ else if x }} / {{ else }} / {{ end }}, {{ range .Messages }}, {{ eq a b }},
+    "strings". Ollama's data: .System (the system messages) and .Messages (every turn, system ones included)."""
+    parts = re.split(r"({{.*?}})", template, flags=re.S)
+
+    def parse(i):  # -> (nodes, next index, the action that ended the block)
+        nodes = []
+        while i < len(parts):
+            part, i = parts[i], i + 1
+            action = part[2:-2].strip() if part.startswith("{{") else None
+            if action is None:
+                nodes.append(("text", part))
+            elif action in ("end", "else") or action.startswith("else if "):
+                return nodes, i, action
+            elif action.startswith("if "):
+                branches, cond = [], action[3:]
+                while True:
+                    body, i, ended = parse(i)
+                    branches.append((cond, body))
+                    if ended == "end":
+                        break
+                    cond = ended[len("else if "):] if ended.startswith("else if ") else '"else"'
+                nodes.append(("if", branches))
+            elif action.startswith("range "):
+                body, i, _ = parse(i)
+                nodes.append(("range", action[len("range "):], body))
+            else:
+                nodes.append(("action", action))
+        return nodes, i, None
+
+    def value(expr, dot, var):
+        words = re.findall(r'"[^"]*"|\S+', expr)
+        if words[0] == "eq":
+            return value(words[1], dot, var) == value(words[2], dot, var)
+        if expr.startswith('"'):
+            return json.loads(expr)
+        return var[expr] if expr.startswith("$") else dot[expr[1:]]
+
+    def run(nodes, dot, var, out):
+        for node in nodes:
+            if node[0] == "text":
+                out.append(node[1])
+            elif node[0] == "if":
+                body = next((b for cond, b in node[1] if value(cond, dot, var)), [])
+                run(body, dot, var, out)
+            elif node[0] == "range":
+                for item in value(node[1], dot, var):
+                    run(node[2], item, var, out)
+            elif m := re.fullmatch(r"(\$\w+) :?= (.+)", node[1]):
+                var[m[1]] = value(m[2], dot, var)
+            else:
+                out.append(value(node[1], dot, var))
+        return out
+
+    nodes, _, _ = parse(0)
+    data = {"System": system, "Messages": [{"Role": m["role"], "Content": m["content"]} for m in messages]}
+    return "".join(run(nodes, data, {}, []))
+
+
+@pytest.fixture(params=["smollm2", "chatml", "llama3", "llama2"])
+def chat_folder(request, bundled_dir, small_tok, tmp_path):
+    """SmolLM2's own tokenizer and template (a default system message), and tokenizer.py's three templates."""
+    if request.param == "smollm2":
+        return bundled_dir
+    copy_tokenizer(small_tok, tmp_path)
+    bos, eos = {"chatml": ("<|im_start|>", "<|im_end|>"), "llama3": ("<|begin_of_text|>", "<|eot_id|>"),
+                "llama2": ("<s>", "</s>")}[request.param]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": bos, "eos_token": eos, "add_bos_token": request.param != "chatml",
+         "chat_template": TEMPLATES[request.param]}))
+    return str(tmp_path)
+
+
+def test_modelfile_renders_a_conversation_as_the_chat_template_does(chat_folder, bundled_dir, tmp_path):
+    path, family = modelfile.write_modelfile(str(tmp_path / "m.gguf"), chat_folder)
+    parsed = parse_modelfile(open(path, encoding="utf-8").read())
+    assert parsed["FROM"] == "./m.gguf" and family is not None
+    tok = Tokenizer(chat_folder)
+    assert {v for k, v in parsed["PARAMETER"] if k == "stop"} == {tok.decode([i]) for i in tok.stop_ids}
+    assert ("temperature", 0.8) in parsed["PARAMETER"]
+    turns = [{"role": "user", "content": "پایتخت ایران کجاست؟"}, {"role": "assistant", "content": "تهران."},
+             {"role": "user", "content": "And of France?"}]
+    bos = tok.bos_token if tok.add_bos else ""  # llama.cpp adds BOS itself, before the template's text
+    for system in ("Answer in one word.", None):
+        messages = ([{"role": "system", "content": system}] if system else []) + turns
+        ollama_system = system or parsed.get("SYSTEM", "")  # the Modelfile's SYSTEM when the chat has none
+        assert bos + render_go(parsed["TEMPLATE"], ollama_system, messages) == tok.render_chat(messages), system
+    if chat_folder == bundled_dir:
+        assert parsed["SYSTEM"] == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
