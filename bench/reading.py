@@ -26,8 +26,8 @@ import common
 # -- settings (defaults; override with --key=value or a config file, see configurator.py) -------------------------
 init_from = common.DEFAULT_CHECKPOINT  # checkpoint folder in Hugging Face layout (default: the bundled SmolLM2)
 adapter = ""                 # a LoRA adapter folder to read with (PEFT format, e.g. a train.py out_dir)
-data = f"{common.ROOT}/data/persian_qa_short_test.jsonl"  # the questions, as evaluate.py reads them
-limit = 48                   # read only the first N questions (0: all)
+test_data = f"{common.ROOT}/data/persian_qa_short_test.jsonl"  # the questions, as evaluate.py reads them
+test_limit = 48              # read only the first N questions (0: all)
 batch_size = 8               # prompts read at once
 max_new_tokens = 48          # the longest answer a row may write
 reps = 2                     # rounds, each variant once per round, interleaved
@@ -44,7 +44,7 @@ from configurator import configure  # noqa: E402
 def main(argv=None):
     cfg = configure(settings, argv)
     if cfg["smoke"]:
-        cfg.update(limit=6, reps=1, max_new_tokens=8)
+        cfg.update(test_limit=6, reps=1, max_new_tokens=8)
     check_choice("dtype", cfg["dtype"], ("float32", "bfloat16"))
     check_checkpoint(cfg["init_from"])
     set_threads(cfg["threads"])
@@ -58,8 +58,8 @@ def main(argv=None):
         from lora import load_adapter
         load_adapter(model, cfg["adapter"])
     tok = Tokenizer(cfg["init_from"])
-    rows = data.load_qa_rows(cfg["data"])[0][:cfg["limit"] or None]
-    print(f"reading: {len(rows)} questions of {cfg['data']} on {len(set(r['context'] for r in rows))} passages, "
+    rows = data.load_qa_rows(cfg["test_data"])[0][:cfg["test_limit"] or None]
+    print(f"reading: {len(rows)} questions of {cfg['test_data']} on {len(set(r['context'] for r in rows))} passages, "
           f"{cfg['init_from']}{' + ' + cfg['adapter'] if cfg['adapter'] else ''}, {cfg['dtype']}, "
           f"batch {cfg['batch_size']}, up to {cfg['max_new_tokens']} new tokens; {machine_note()}")
 
