@@ -31,9 +31,10 @@ RESULT_TAG = "BENCH_RESULT "  # a worker's last stdout line: this tag, then its 
 
 # The settings dequant.py, generate.py and train.py share: each merges them into its own settings block.
 SHARED_SETTINGS = dict(
-    device="auto",  # "auto": cuda when torch sees a GPU, else cpu; or "cpu", "cuda"
-    dtype="auto",   # "auto": float32 on a CPU, bfloat16 on a GPU, on every CPU alike (unlike configurator.py's auto,
-                    # which picks bfloat16 on a CPU that computes it natively); or float32, bfloat16, float16
+    device="cuda" if torch.cuda.is_available() else "cpu",  # as the commands choose it; or "cpu", "cuda"
+    dtype="",       # "": float32 on a CPU, bfloat16 on a GPU, on every CPU alike, so that two machines' numbers
+                    # compare (dtype="auto" in the commands picks bfloat16 on a CPU that computes it natively);
+                    # or float32, bfloat16, float16
     threads=0,      # torch CPU threads (0: torch's default; on a busy machine 1 gives steadier numbers)
     seed=0,         # of the random weights, tokens and prompts
     smoke=False,    # a tiny run: checks that everything works, times nothing useful
@@ -85,18 +86,16 @@ def timing_note(device):
 
 def pick_device(name):
     """The device setting -> "cpu" or "cuda"."""
-    check_choice("device", name, ("auto", "cpu", "cuda"))
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    check_choice("device", name, ("cpu", "cuda"))
     if name == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device=cuda but torch sees no CUDA GPU; use --device=cpu")
     return name
 
 
 def pick_dtype(name, device):
-    """The dtype setting -> a torch dtype; "auto": bfloat16 on a GPU, float32 on a CPU (SHARED_SETTINGS)."""
+    """The dtype setting -> a torch dtype; "": bfloat16 on a GPU, float32 on a CPU (SHARED_SETTINGS)."""
     from configurator import torch_dtype
-    if name == "auto":
+    if name == "":
         return torch.bfloat16 if device == "cuda" else torch.float32
     return torch_dtype(name)
 
