@@ -1,7 +1,8 @@
 """
-Draw the course's figures into lessons/img/ (or --out DIR). Every number drawn comes from the course files.
+Draw the course's figures into lessons/img/ (or --out_dir=DIR). Every number drawn comes from the course files.
 
   python lessons/make_figures.py
+  python lessons/make_figures.py --run_dir=out/quickstart     # also the figures of a real run (null_diff.png)
 
 rope.png         lesson 02: a RoPE pair rotating with position; each pair's wavelength, with llama3 scaling
 nf4.png          lesson 08: the 16 NF4 levels against the normal density they were cut from
@@ -16,12 +17,20 @@ tokens.png       lesson 04: one sentence in English and in Persian, cut into tok
 peft_attach.png  lesson 06: where each PEFT method puts its trainable weights in a decoder block
 triton_grid.png  lesson 09: the programs of the dequantization kernel (1-D grid) and of the matvec kernel (2-D)
 gguf_layout.png  lesson 16: the byte layout of the bundled GGUF file, read with the gguf package
+null_diff.png    lesson 14b, from a run: the test questions' null_diff, answerable against unanswerable, and the
+                 threshold chosen on validation (run_dir's test_predictions.jsonl and metrics.json)
 The loss curve of lesson 15 is not drawn here: it is the curve train.py wrote during a real run.
 """
-import argparse
+import json
 import math
 import os
 import sys
+
+# -- settings (defaults; override with --key=value, see configurator.py) ------------------------------------------
+out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "img")  # where the figures go
+run_dir = ""                 # a train.py out_dir: also draw the figures of that run (null_diff.png)
+# -------------------------------------------------------------------------------------------------------------------
+settings = {"out_dir": out_dir, "run_dir": run_dir}
 
 import matplotlib
 
@@ -97,7 +106,7 @@ def nf4(path):
                  fontsize=10)
     ax.set_xlabel("weight / absmax of its block of 64   (shaded: the values rounded to each level)")
     ax.set_ylim(-0.09, 0.85)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=DPI)
     plt.close(fig)
@@ -733,14 +742,40 @@ FIGURES = {"rope.png": rope, "nf4.png": nf4, "lora_shapes.png": lora_shapes, "me
            "gguf_layout.png": gguf_layout}
 
 
+def null_diffs(path, run_dir):
+    """How well a trained model's no-answer score separates the questions: each test question's null_diff, split by
+    whether the question has an answer, and the threshold train.py chose on validation questions."""
+    rows = [json.loads(line) for line in open(os.path.join(run_dir, "test_predictions.jsonl"), encoding="utf-8")]
+    threshold = json.load(open(os.path.join(run_dir, "metrics.json")))["null_threshold"]
+    answerable = [r["null_diff"] for r in rows if r["answers"]]
+    unanswerable = [r["null_diff"] for r in rows if not r["answers"]]
+    lo, hi = math.floor(min(answerable + unanswerable)), math.ceil(max(answerable + unanswerable))
+    bins = [lo + 0.5 * i for i in range(int((hi - lo) / 0.5) + 2)]
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.hist(answerable, bins=bins, alpha=0.6, color="tab:blue", label=f"answerable ({len(answerable)})")
+    ax.hist(unanswerable, bins=bins, alpha=0.6, color="tab:orange", label=f"unanswerable ({len(unanswerable)})")
+    ax.axvline(threshold, color="black", ls="--", lw=1)
+    ax.text(threshold, ax.get_ylim()[1] * 0.95, f" threshold {threshold:.2f}\n (chosen on validation)", va="top",
+            fontsize=8)
+    ax.set_xlabel("null_diff = log p(no answer) - log p(best answer)   (abstain to the right of the threshold)")
+    ax.set_ylabel("test questions")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "img"))
-    out = ap.parse_args(argv).out
-    os.makedirs(out, exist_ok=True)
-    for name, draw in FIGURES.items():
-        draw(os.path.join(out, name))
-        print(f"wrote {os.path.join(out, name)}")
+    from configurator import configure
+    cfg = configure(settings, argv)
+    os.makedirs(cfg["out_dir"], exist_ok=True)
+    made = {name: (draw, ()) for name, draw in FIGURES.items()}
+    if cfg["run_dir"]:
+        made["null_diff.png"] = (null_diffs, (cfg["run_dir"],))
+    for name, (draw, extra) in made.items():
+        draw(os.path.join(cfg["out_dir"], name), *extra)
+        print(f"wrote {os.path.join(cfg['out_dir'], name)}")
 
 
 if __name__ == "__main__":
