@@ -2,9 +2,10 @@
 Reading a passage to answer a question, or to abstain: what a generative model says, ready for SQuAD v2 scoring.
 
 A model fine-tuned on our data answers with a span copied from the passage, or writes the no-answer phrase
-(data.NO_ANSWER). Greedy decoding would let the FIRST token choose between the two, and in a byte-level vocabulary
-that token is one byte shared by the no-answer phrase and a quarter of all Persian words. SQuAD v2 systems compare
-two whole scores instead, the best answer's and the no-answer one's, and abstain when
+(data.NO_ANSWER). Greedy decoding would let the FIRST token choose between the two, and the phrase's first token
+starts a third of all training answers while real answers spread over many (lesson 14b counts them), so greedy
+decoding abstains too easily. SQuAD v2 systems compare two whole scores instead, the best answer's and the
+no-answer one's, and abstain when
 
     null_diff = log p(no-answer phrase) - log p(best answer)  >  threshold.
 
