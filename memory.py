@@ -94,9 +94,13 @@ def give_back_freed_memory():
     free, but after the first such free it raises that threshold (up to 32 MiB) and later blocks come from the heap,
     which keeps freed memory for reuse: the measured peak then grows with every step's differently sized
     activations (5.9 GiB against 2.0 estimated in an earlier quickstart). A fixed 1 MiB threshold keeps the
-    dynamic rule off, so the peak is what one step really holds (lesson 12 measures both).
+    dynamic rule off, so the peak is what one step really holds (lesson 12 measures both). It costs time: every
+    block of 1 MiB or more is mapped fresh, page by page. glibc's own MALLOC_MMAP_THRESHOLD_ in the environment
+    (bytes) is the user's choice of that trade and is kept (README: "Time against memory").
     """
     import ctypes
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        return
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
     except (OSError, AttributeError):
