@@ -49,9 +49,11 @@ def reading_windows(tok, context, question, max_prompt_len, overlap=0.25):
     if budget < data.MIN_PASSAGE_TOKENS:
         raise ValueError(f"a prompt of {max_prompt_len} tokens leaves {budget} for the passage after the template "
                          f"and this question ({frame} tokens); allow longer prompts (max_seq_len)")
+    n_chars = data.first_guess(tok, context, budget)  # once per passage: every window starts from it
     windows, start = [], 0
     while True:
-        piece = data.shrink_to_fit(tok, context, question, budget, lambda size: _window_from(context, start, size))
+        piece = data.shrink_to_fit(tok, question, frame, budget, n_chars,
+                                   lambda size: _window_from(context, start, size))
         end = start + len(piece)
         windows.append(piece.strip())
         if end >= len(context):

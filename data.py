@@ -206,16 +206,19 @@ def completion_text(tok, messages, answer):
 MIN_PASSAGE_TOKENS = 32
 
 
-def shrink_to_fit(tok, context, question, budget, cut, tries=None):
+def first_guess(tok, context, budget):
+    """How many characters of `context` take about `budget` tokens: its own characters per token, a first guess."""
+    return len(context) * budget // len(tok.encode(context))
+
+
+def shrink_to_fit(tok, question, frame, budget, n_chars, cut, tries=None):
     """
     The windowing under both kinds of window (training_window here, answer.py's reading_windows): the first piece
-    of `context`, cut(n_chars) about n_chars characters long, whose passage takes at most `budget` tokens of the
-    prompt. n_chars starts at the passage's own characters per token; they vary along a text, so a piece taking
-    n > budget tokens is cut again n_chars * budget // n - 1 long. None when cut gives None or after `tries` misses
-    (None: no limit; every miss shrinks the piece, and an empty piece fits).
+    cut(n_chars), about n_chars characters long, whose passage takes at most `budget` tokens of the prompt (frame:
+    prompt_frame's tokens around it). n_chars starts at first_guess; characters per token vary along a text, so a
+    piece taking n > budget tokens is cut again n_chars * budget // n - 1 long. None when cut gives None or after
+    `tries` misses (None: no limit; every miss shrinks the piece, and an empty piece fits).
     """
-    frame = prompt_frame(tok, question)
-    n_chars = len(context) * budget // len(tok.encode(context))
     for _ in itertools.count() if tries is None else range(tries):
         piece = cut(n_chars)
         if piece is None:
@@ -283,7 +286,8 @@ def fit_passage(tok, row, max_len, seed=0):
     if budget < need_passage:
         return None, "dropped", need
     rng = random.Random(f"{seed}:{row['id']}")  # each row its own window, the same in every run
-    window = shrink_to_fit(tok, context, question, budget, lambda n: training_window(context, n, rng, span), tries=8)
+    window = shrink_to_fit(tok, question, frame, budget, first_guess(tok, context, budget),
+                           lambda n: training_window(context, n, rng, span), tries=8)
     return (None, "dropped", need) if window is None else (window, "windowed", need)
 
 
