@@ -292,9 +292,7 @@ def load_state_one_by_one(args, tensors, dtype, device, quantize=None, where="")
         if key not in wanted:
             unexpected.append(key)
             continue
-        shape = expected_shape(key, args)
-        if tuple(t.shape) != tuple(shape):
-            raise ValueError(f"{where}: shape mismatch for {key}: expected {tuple(shape)}, found {tuple(t.shape)}")
+        check_shape(where, key, expected_shape(key, args), t.shape)
         set_tensor(model, key, t.to(device=device, dtype=dtype), quantize)
         loaded.add(key)
     for modname, parts in packed.items():
@@ -303,14 +301,18 @@ def load_state_one_by_one(args, tensors, dtype, device, quantize=None, where="")
             unexpected.append(key)
             continue
         layer = Linear4bit.from_bnb_state(parts, compute_dtype=dtype)
-        if (layer.out_features, layer.in_features) != tuple(shape):
-            raise ValueError(f"{where}: shape mismatch for {key}: expected {tuple(shape)}, "
-                             f"found {(layer.out_features, layer.in_features)} (4-bit)")
+        check_shape(where, key, shape, (layer.out_features, layer.in_features), " (4-bit)")
         parent, child = modname.rsplit(".", 1)
         setattr(model.get_submodule(parent), child, layer)
         loaded.add(key)
     check_keys(where, sorted(wanted - loaded), unexpected)
     return finish_loading(model, device)
+
+
+def check_shape(where, key, expected, found, note=""):
+    """One error for a tensor whose shape is not the model's (a checkpoint of another size, or a broken file)."""
+    if tuple(found) != tuple(expected):
+        raise ValueError(f"{where}: shape mismatch for {key}: expected {tuple(expected)}, found {tuple(found)}{note}")
 
 
 def check_keys(where, missing, unexpected):

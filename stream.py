@@ -27,7 +27,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from convert import IGNORED, args_from_hf_config, atomic_write, check_keys, hf_files
+from convert import IGNORED, args_from_hf_config, atomic_write, check_keys, check_shape, hf_files
 from lora import load_adapter, lora_layers, merge_weight, read_adapter_weights
 from model import Llama, ModelArgs
 
@@ -107,9 +107,7 @@ def merged_weights(base, adapter="", dtype=torch.float32):
     stored = [k for k in index if not IGNORED.search(k) and not (args.tie_embeddings and k == "lm_head.weight")]
     check_keys(base, sorted(shapes.keys() - index.keys()), [k for k in stored if k not in shapes])
     for name, shape in shapes.items():
-        if tuple(index[name][1]["shape"]) != shape:
-            raise ValueError(f"{base}: shape mismatch for {name}: expected {shape}, "
-                             f"found {tuple(index[name][1]['shape'])}")
+        check_shape(base, name, shape, index[name][1]["shape"])
     factors, whole = {}, {}
     if adapter:
         load_adapter(model, adapter)                     # every check of loading it for real: shapes, ties, options
