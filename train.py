@@ -458,8 +458,9 @@ def write_report(cfg, history, test_rows, tuned, est):
                "train_loss_last": history["train"][-1][1] if history["train"] else None,
                "peak_memory_bytes": peak_memory(device), "estimated_memory_bytes": est["total"]}
     write_metrics(os.path.join(cfg["out_dir"], "metrics.json"), metrics)
-    print(f"peak memory: {gib(peak_memory(device))} measured ({'GPU allocated' if device.startswith('cuda') else 'process RSS'}), "
-          f"{gib(est['total'])} estimated. Adapter and metrics in {cfg['out_dir']}")
+    where = "GPU allocated" if device.startswith("cuda") else "process RSS"
+    print(f"peak memory: {gib(metrics['peak_memory_bytes'])} measured ({where}), {gib(est['total'])} estimated. "
+          f"Adapter and metrics in {cfg['out_dir']}")
 
 
 def main(argv=None):
