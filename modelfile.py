@@ -16,9 +16,10 @@ templates and checks that the text is the one the model's own chat template writ
 
 import os
 
-import sample  # its default temperature is the Modelfile's
 from convert import atomic_write
 from tokenizer import Tokenizer
+
+TEMPERATURE = 0.8  # sample.py's default (a test keeps the two equal): Ollama then samples as our chat does
 
 OLLAMA = {  # family: (its mark in a Jinja chat template, the text around a system message there, the Go template)
     "chatml": ("<|im_start|>", ("<|im_start|>system\n", "<|im_end|>"),
@@ -48,7 +49,7 @@ def default_system(tok, family):
 
 
 def write_modelfile(gguf_path, folder):
-    """NAME.Modelfile beside NAME.gguf: the file, the chat template, the stop words and sample.py's temperature.
+    """NAME.Modelfile beside NAME.gguf: the file, the chat template, the stop words and the temperature.
     Returns (its path, the family of template written; None for a template not in OLLAMA: Ollama then goes by the
     GGUF's own tokenizer.chat_template, which it recognises for the common formats)."""
     tok = Tokenizer(folder)
@@ -61,7 +62,7 @@ def write_modelfile(gguf_path, folder):
             lines.append(f'SYSTEM """{system}"""')
     text_of = tok.tk.id_to_token if tok.kind == "bpe" else tok.sp.id_to_piece  # Ollama stops on text
     lines += [f'PARAMETER stop "{text_of(i)}"' for i in sorted(tok.stop_ids)]
-    lines.append(f"PARAMETER temperature {sample.settings['temperature']}")
+    lines.append(f"PARAMETER temperature {TEMPERATURE}")
     path = gguf_path[:-len(".gguf")] + ".Modelfile"
 
     def write(tmp):

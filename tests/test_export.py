@@ -15,6 +15,7 @@ import torch
 import export
 import lora
 import modelfile
+import sample
 import stream
 from convert import args_from_gguf, half_to_interleaved, interleaved_to_half, load_state_one_by_one, read_gguf
 from model import Llama, ModelArgs, rope_frequencies
@@ -436,7 +437,7 @@ def test_modelfile_renders_a_conversation_as_the_chat_template_does(chat_folder,
     assert parsed["FROM"] == "./m.gguf" and family is not None
     tok = Tokenizer(chat_folder)
     assert {v for k, v in parsed["PARAMETER"] if k == "stop"} == {tok.decode([i]) for i in tok.stop_ids}
-    assert ("temperature", 0.8) in parsed["PARAMETER"]
+    assert ("temperature", 0.8) in parsed["PARAMETER"] and sample.settings["temperature"] == modelfile.TEMPERATURE
     turns = [{"role": "user", "content": "پایتخت ایران کجاست؟"}, {"role": "assistant", "content": "تهران."},
              {"role": "user", "content": "And of France?"}]
     bos = tok.bos_token if tok.add_bos else ""  # llama.cpp adds BOS itself, before the template's text
