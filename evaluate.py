@@ -206,7 +206,8 @@ def write_metrics(path, metrics):
 
 def main(argv=None):
     from answer import answer_questions
-    from configurator import check_device, configure, resolve_dtype
+    from configurator import configure
+    from memory import check_device, resolve_dtype
     from lora import load_model
     from tokenizer import Tokenizer
 

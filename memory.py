@@ -15,6 +15,9 @@ The measurement differs by device. On a GPU, torch counts what its tensors hold 
 estimate's own terms, without the CUDA context. On a CPU only the whole process can be measured (its peak resident
 set), so the estimate there starts with what the process holds before it loads anything, and glibc's malloc must be
 kept from holding on to freed activations (give_back_freed_memory), or the peak grows with every step.
+
+Last, the two settings every command resolves first: the device the bytes live on (check_device) and the number
+format they are in (resolve_dtype: dtype="auto" is bf16 where the device computes it natively, else fp32).
 """
 
 import os
@@ -105,6 +108,42 @@ def give_back_freed_memory():
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass  # not glibc (macOS, musl): nothing to set
+
+
+# -- the device and the number format: where the run's bytes live, and how many each value takes ----------------
+
+def torch_dtype(name):
+    """A dtype setting ("bfloat16") -> the torch dtype, with the valid names in the error for anything else."""
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise SystemExit(f"error: dtype must be auto or one of {', '.join(dtypes)}, got {name!r}")
+    return dtypes[name]
+
+
+def resolve_dtype(name, device):
+    """dtype="auto": bfloat16 where the device computes it natively, else float32. On a GPU that is Ampere or
+    newer; on a CPU it is AVX-512-BF16 (or AMX), where oneDNN multiplies bf16 matrices in hardware, about three
+    times an fp32 product; elsewhere a CPU emulates bf16 and it would be slower than fp32."""
+    if name != "auto":
+        return torch_dtype(name)
+    if str(device).startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+
+
+def check_device(name):
+    """Fail early, in one line, on a device this machine does not have (instead of a traceback deep in torch)."""
+    kind, _, index = str(name).partition(":")
+    if kind == "cpu":
+        return
+    if kind != "cuda":
+        raise SystemExit(f"error: device must be 'cpu', 'cuda' or 'cuda:N', got {name!r}")
+    if not torch.cuda.is_available():
+        raise SystemExit(f"error: device={name!r} but this PyTorch sees no CUDA GPU (a CPU-only build, or no driver); "
+                         f"use --device=cpu")
+    if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+        raise SystemExit(f"error: device={name!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s): "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 def gib(n):

@@ -34,7 +34,8 @@ dtype = "auto"               # bfloat16 where the device computes it natively, e
 # -------------------------------------------------------------------------------------------------------------------
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 
-from configurator import check_device, configure, resolve_dtype  # noqa: E402
+from configurator import configure  # noqa: E402
+from memory import check_device, resolve_dtype  # noqa: E402
 from lora import load_model  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 

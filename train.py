@@ -70,13 +70,14 @@ seed = 1337
 # -------------------------------------------------------------------------------------------------------------------
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str, tuple))}
 
-from configurator import check_device, configure, resolve_dtype  # noqa: E402
+from configurator import configure  # noqa: E402
 import data  # noqa: E402
 from answer import abstain_above, choose_threshold, read_passages  # noqa: E402
 from convert import atomic_write, write_json  # noqa: E402
 from evaluate import score, summary, write_metrics  # noqa: E402
 from lora import apply_lora, load_model, save_adapter, trainable_report  # noqa: E402
-from memory import give_back_freed_memory, gib, memory_estimate, peak_memory, resident_memory  # noqa: E402
+from memory import (check_device, give_back_freed_memory, gib, memory_estimate, peak_memory,  # noqa: E402
+                    resident_memory, resolve_dtype)
 from optim import PagedAdamW  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 

@@ -94,7 +94,7 @@ def pick_device(name):
 
 def pick_dtype(name, device):
     """The dtype setting -> a torch dtype; "": bfloat16 on a GPU, float32 on a CPU (SHARED_SETTINGS)."""
-    from configurator import torch_dtype
+    from memory import torch_dtype
     if name == "":
         return torch.bfloat16 if device == "cuda" else torch.float32
     return torch_dtype(name)
