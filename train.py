@@ -9,7 +9,6 @@ Fine-tune a LLaMA with LoRA or QLoRA on question answering.
 Every setting below can be overridden by a config file and then by --key=value (configurator.py).
 """
 
-import json
 import math
 import os
 import random
@@ -72,16 +71,14 @@ settings = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 
 from configurator import configure  # noqa: E402
 import data  # noqa: E402
-from answer import abstain_above, choose_threshold, read_passages  # noqa: E402
-from convert import atomic_write, write_json  # noqa: E402
-from evaluate import score, summary, write_metrics  # noqa: E402
-from lora import apply_lora, load_model, save_adapter, trainable_report  # noqa: E402
+from checkpoint import read_checkpoint, restore_rng, save_checkpoint  # noqa: E402
+from lora import apply_lora, load_model, trainable_report  # noqa: E402
 from memory import (check_device, give_back_freed_memory, gib, memory_estimate, peak_memory,  # noqa: E402
                     resident_memory, resolve_dtype)
 from optim import PagedAdamW  # noqa: E402
+from report import global_val_loss, judge_base_model, plot_losses, validate_then_test, write_report  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
-STATE_FILE = "train_state.pt"
 # Settings that decide the shapes and scale of the LoRA layers: a resumed run must keep them.
 LORA_SHAPE = ("lora_r", "lora_alpha", "lora_targets", "lora_modules_to_save", "use_rslora")
 
@@ -98,13 +95,7 @@ def read_settings(argv):
     cfg = configure(settings, argv)
     if cfg["init_from"] != "resume":
         return cfg, None
-    path = os.path.join(cfg["out_dir"], STATE_FILE)
-    if not os.path.exists(path):
-        fail(f"init_from=resume but {path} does not exist (no run to continue in out_dir={cfg['out_dir']!r})")
-    try:  # weights_only: tensors and plain containers only, so a downloaded run folder can never run code
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        fail(f"{path} is not a readable train.py checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})")
+    state = read_checkpoint(cfg["out_dir"])
     overrides = {k: v for k, v in cfg.items() if v != settings[k] and k != "init_from"}
     for k in LORA_SHAPE:  # the saved A and B matrices only fit a model with the same LoRA layers
         if k in overrides and overrides[k] != state["config"].get(k, settings[k]):
@@ -281,189 +272,6 @@ def training_batches(examples, pos, cfg, rank, world, pad_id):
         pos["epoch"], pos["batch"] = pos["epoch"] + 1, 0
 
 
-def rng_state(device):
-    """The random states a resume restores: CPU, Python, and the GPU this process trains on (only that one: a
-    checkpoint must resume on a machine with another number of GPUs)."""
-    cuda = torch.cuda.get_rng_state(device) if str(device).startswith("cuda") else None
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": cuda}
-
-
-def restore_rng(rng, device):
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    cuda = rng["cuda"]
-    if isinstance(cuda, (list, tuple)):  # older checkpoints kept every GPU's state; the first was the one trained on
-        cuda = cuda[0] if cuda else None
-    if cuda is not None and str(device).startswith("cuda"):
-        torch.cuda.set_rng_state(cuda, device)
-
-
-def save_checkpoint(model, opt, cfg, pos, history, scaler=None):
-    """
-    One file holds everything a resume needs (trainable weights, optimizer, RNG, data position), written to a
-    temporary name and renamed, so a crash mid-write never leaves a broken checkpoint. The adapter is also written
-    in PEFT's format for sample.py, export.py and PEFT itself.
-    """
-    state = {"trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-             "optimizer": opt.state_dict(), "pos": pos, "history": history, "config": cfg,
-             "scaler": scaler.state_dict() if scaler is not None else None,  # fp16's loss scale, plain numbers
-             "rng": rng_state(cfg["device"])}
-    atomic_write(os.path.join(cfg["out_dir"], STATE_FILE), lambda p: torch.save(state, p))
-    save_adapter(model, cfg["out_dir"], base_model_name_or_path=cfg["init_from"])  # the base (a resume keeps it)
-    write_json(os.path.join(cfg["out_dir"], "config.json"), cfg, indent=2, default=list)
-
-
-@torch.no_grad()
-def val_loss(model, examples, cfg, pad_id, ctx):
-    """Mean loss per answer token over the whole validation set."""
-    model.eval()
-    total, count = 0.0, 0
-    for b in range(0, len(examples), cfg["batch_size"]):
-        idx, targets = data.collate(examples, list(range(b, min(b + cfg["batch_size"], len(examples)))), pad_id)
-        n = int((targets != -100).sum())
-        with ctx:
-            _, loss = model(idx.to(cfg["device"]), targets.to(cfg["device"]))
-        total, count = total + loss.item() * n, count + n
-    model.train()
-    return total / max(count, 1)
-
-
-# -- evaluation, shared: under torchrun every process reads every world-th question (or example) and the results are
-# gathered, so the GPUs split the work instead of waiting for rank 0 (NCCL's 10-minute timeout would kill them
-# during a long evaluation) -----------------------------------------------------------------------------------------
-
-def read_all(model, tok, rows, cfg, ctx, rank, world, progress=False):
-    """Candidates (answer.py: read_passages) of all rows, in order, each process reading its share."""
-    mine = rows[rank::world]
-    mine = read_passages(model, tok, mine, cfg["max_seq_len"], cfg["max_new_tokens"],
-                         cfg["eval_batch_size"] or cfg["batch_size"], ctx, progress and rank == 0) if mine else []
-    if world == 1:
-        return mine
-    parts = [None] * world
-    dist.all_gather_object(parts, mine)
-    return [parts[i % world][i // world] for i in range(len(rows))]
-
-
-def global_val_loss(model, examples, cfg, pad_id, ctx, rank, world):
-    """Loss per answer token over the whole validation set: each process sums over its share."""
-    mine = examples[rank::world]
-    n = sum(len(answer) for _, answer in mine)
-    loss = val_loss(model, mine, cfg, pad_id, ctx) if mine else 0.0
-    if world == 1:
-        return loss
-    t = torch.tensor([loss * n, n], dtype=torch.float64, device=cfg["device"])
-    dist.all_reduce(t)
-    return (t[0] / t[1]).item()
-
-
-def answer_validation(model, tok, rows, cfg, ctx, rank, world, when):
-    """EM/F1 on the validation questions, abstaining above the null_diff threshold that is best on them
-    (answer.py: choose_threshold): the model's best use of its own scores, before and after alike."""
-    candidates = read_all(model, tok, rows, cfg, ctx, rank, world)
-    golds = [r["answers"] for r in rows]
-    threshold = choose_threshold(candidates, golds)
-    s = dict(score(abstain_above(candidates, threshold), golds, [r["context"] for r in rows]), null_threshold=threshold)
-    if rank == 0:
-        print(f"{when} ({len(rows)} validation questions, abstaining above null_diff {threshold:.2f}): {summary(s)}")
-    return s
-
-
-def answer_test(model, tok, rows, cfg, ctx, rank, world, threshold):
-    """The test questions, answered once at a threshold chosen on validation: the score at that threshold, the
-    predictions, and each question's best answer, which answering every question would give (the model's
-    reading, whatever it decides)."""
-    candidates = read_all(model, tok, rows, cfg, ctx, rank, world, progress=True)
-    golds, contexts = [r["answers"] for r in rows], [r["context"] for r in rows]
-    preds = abstain_above(candidates, threshold)
-    s = score(preds, golds, contexts)
-    every = score([c["answer"] for c in candidates], golds, contexts)
-    s.update(null_threshold=threshold, answering_all={k: every[k] for k in ("has_answer_f1", "answered", "invented")},
-             always_no_answer_f1=score([""] * len(golds), golds)["f1"])
-    return {"score": s, "predictions": preds, "best_answers": [c["answer"] for c in candidates],
-            "null_diffs": [c["null_diff"] for c in candidates]}
-
-
-def validate_then_test(model, tok, eval_rows, test_rows, cfg, ctx, rank, world, when):
-    """The validation questions, which choose the no-answer threshold, then the test questions at that threshold:
-    nothing is tuned on these. -> (validation score, test answers), None for a set the run does not have"""
-    val = answer_validation(model, tok, eval_rows, cfg, ctx, rank, world, when) if eval_rows else None
-    threshold = val["null_threshold"] if eval_rows else 0.0
-    return val, answer_test(model, tok, test_rows, cfg, ctx, rank, world, threshold) if test_rows else None
-
-
-def report_test(rows, base, tuned, n_examples=4):
-    """The last lines of a run: the test questions answered by the base model and by the fine-tuned one (each at the
-    threshold chosen on validation, and answering every question), and a few of them side by side."""
-    print(f"held-out test: {len(rows)} questions, never trained on (always 'no answer' scores F1 "
-          f"{tuned['score']['always_no_answer_f1']:.1f})")
-    for name, run in (("base model", base), ("fine-tuned", tuned)):
-        if run is None:  # resumed from a run that did not answer them before training
-            continue
-        s, a = run["score"], run["score"]["answering_all"]
-        print(f"  {name:<10}  {summary(s)}\n  {'':<10}  answering all: has-answer F1 {a['has_answer_f1']:.1f}, "
-              f"invented {a['invented']:.1f}%")
-
-    def invented(s):
-        return f"{s['invented']:.0f}%" if s["answered"] else "none"
-    if base is not None:
-        b, t = base["score"], tuned["score"]
-        print(f"  fine-tuned vs base: F1 {t['f1']:.1f} vs {b['f1']:.1f}, answered {t['answered']} vs {b['answered']}, "
-              f"invented {invented(t)} vs {invented(b)}; answering all: has-answer F1 "
-              f"{t['answering_all']['has_answer_f1']:.1f} vs {b['answering_all']['has_answer_f1']:.1f}, invented "
-              f"{invented(t['answering_all'])} vs {invented(b['answering_all'])}")
-
-    def shown(text):
-        return (text if len(text) <= 60 else text[:57] + "...") if text else "(no answer)"
-
-    def answer(run, i):  # what it says, and the best answer it held back when it abstains
-        said, best = run["predictions"][i], run["best_answers"][i]
-        return shown(said) if said or not best else f"(no answer; its best answer: {shown(best)})"
-    for i in range(0, len(rows), max(1, len(rows) // n_examples))[:n_examples]:  # evenly spread, the same every run
-        print(f"\n  question   {rows[i]['question']}\n  gold       {shown(' | '.join(rows[i]['answers']))}")
-        if base is not None:
-            print(f"  base       {answer(base, i)}")
-        print(f"  fine-tuned {answer(tuned, i)}")
-
-
-def plot_losses(history, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([h[0] for h in history["train"]], [h[1] for h in history["train"]], lw=1, label="train")
-    if history["val"]:
-        ax.plot([h[0] for h in history["val"]], [h[1] for h in history["val"]], "o-", label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss per answer token")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def write_report(cfg, history, test_rows, tuned, est):
-    """The end of a run, on rank 0: the test comparison, test_predictions.jsonl, metrics.json and the memory line."""
-    device, threshold = cfg["device"], history["after"]["null_threshold"] if history["after"] else 0.0
-    if test_rows:
-        report_test(test_rows, history.get("base_test"), tuned)
-        with open(os.path.join(cfg["out_dir"], "test_predictions.jsonl"), "w", encoding="utf-8") as f:
-            for row, pred, nd in zip(test_rows, tuned["predictions"], tuned["null_diffs"]):
-                f.write(json.dumps({"id": row["id"], "answers": row["answers"], "prediction": pred,
-                                    "null_diff": nd}, ensure_ascii=False) + "\n")
-    metrics = {"before": history["before"], "after": history["after"], "test": tuned["score"] if test_rows else None,
-               "base_test": (history.get("base_test") or {}).get("score"),
-               "null_threshold": threshold, "val_loss": history["val"], "skipped_steps": history.get("skipped", 0),
-               "train_loss_last": history["train"][-1][1] if history["train"] else None,
-               "peak_memory_bytes": peak_memory(device), "estimated_memory_bytes": est["total"]}
-    write_metrics(os.path.join(cfg["out_dir"], "metrics.json"), metrics)
-    where = "GPU allocated" if device.startswith("cuda") else "process RSS"
-    print(f"peak memory: {gib(metrics['peak_memory_bytes'])} measured ({where}), {gib(est['total'])} estimated. "
-          f"Adapter and metrics in {cfg['out_dir']}")
-
-
 def main(argv=None):
     # -- setup: settings, device, processes, seeds ---------------------------------------------------------------------
     resident = resident_memory()  # before loading anything: the process itself (memory.py: memory_estimate)
@@ -497,14 +305,7 @@ def main(argv=None):
 
     # -- before training: the base model's numbers, what training has to beat (a resumed run has them) -----------------
     if state is None:
-        if val_ex:
-            history["val"].append((0, global_val_loss(raw_model, val_ex, cfg, pad_id, ctx, rank, world)))
-            if master:
-                print(f"before training: val loss {history['val'][0][1]:.4f}")
-        history["before"], base_test = validate_then_test(raw_model, tok, eval_rows, test_rows, cfg, ctx, rank, world,
-                                                          "before training")
-        if test_rows:  # the base model on the test questions, at its own threshold: the side of the comparison
-            history["base_test"] = base_test
+        judge_base_model(raw_model, tok, val_ex, eval_rows, test_rows, history, cfg, pad_id, ctx, rank, world)
 
     # -- the loop ------------------------------------------------------------------------------------------------------
     from tqdm import tqdm

@@ -12,6 +12,7 @@ import export
 import lora
 import prepare
 import sample
+import checkpoint
 import train
 from model import Llama, ModelArgs
 
@@ -212,5 +213,5 @@ def test_resume_loads_with_weights_only(base, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = tmp_path / "run"
     train.main(train_argv(base, out))
-    state = torch.load(out / train.STATE_FILE, weights_only=True)
+    state = torch.load(out / checkpoint.STATE_FILE, weights_only=True)
     assert state["pos"]["iter"] == 2 and isinstance(state["rng"]["torch"], torch.Tensor)

@@ -12,7 +12,7 @@ import torch
 from conftest import save_with_tokenizer
 
 import data
-import train
+import checkpoint
 from model import Llama, ModelArgs
 from tokenizer import Tokenizer
 
@@ -63,7 +63,7 @@ def test_torchrun_trains_whole_epochs_over_a_ragged_data_set(tiny_dir, tmp_path,
                           cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    state = torch.load(out / train.STATE_FILE, weights_only=True)
+    state = torch.load(out / checkpoint.STATE_FILE, weights_only=True)
     assert state["pos"] == {"iter": epochs * n_full, "epoch": epochs - 1, "batch": n_full}  # every whole batch, once
     losses = [l for _, l in state["history"]["train"]]
     assert len(losses) == epochs * n_full and all(0 < l < 20 for l in losses)
@@ -110,6 +110,6 @@ def test_nan_loss_on_one_process_stops_every_process(tiny_dir, tmp_path):
             p.kill()
     for r, (p, (_, err)) in enumerate(zip(procs, ended)):
         assert p.returncode == 1 and f"error: loss is nan at step {step}." in err, (r, err[-2000:])
-    state = torch.load(out / train.STATE_FILE, weights_only=True)
+    state = torch.load(out / checkpoint.STATE_FILE, weights_only=True)
     assert state["pos"]["iter"] == step                       # the last good step's checkpoint, kept
     assert all(torch.isfinite(t).all() for t in state["trainable"].values())

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 import configurator
+import checkpoint
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,14 +35,14 @@ def test_resume_continues_exactly(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     straight = run(tmp_path, "straight", "--max_iters=4", base=tiny_dir)
     half = run(tmp_path, "resumed", "--max_iters=2", "--lr_decay_iters=4", base=tiny_dir)
-    saved = torch.load(os.path.join(half, train.STATE_FILE), weights_only=False)
+    saved = torch.load(os.path.join(half, checkpoint.STATE_FILE), weights_only=False)
     assert saved["pos"]["iter"] == 2 and saved["rng"]["cuda"] is None     # a CPU run: no GPU state
     # as if saved by an older train.py on a machine with 3 GPUs: one state per GPU, none of them this machine's
     saved["rng"]["cuda"] = [torch.zeros(16, dtype=torch.uint8)] * 3
-    torch.save(saved, os.path.join(half, train.STATE_FILE))
+    torch.save(saved, os.path.join(half, checkpoint.STATE_FILE))
     train.main([f"--out_dir={half}", "--init_from=resume", "--max_iters=4"])
-    s = torch.load(os.path.join(straight, train.STATE_FILE), weights_only=False)
-    r = torch.load(os.path.join(half, train.STATE_FILE), weights_only=False)
+    s = torch.load(os.path.join(straight, checkpoint.STATE_FILE), weights_only=False)
+    r = torch.load(os.path.join(half, checkpoint.STATE_FILE), weights_only=False)
     assert [l for _, l in r["history"]["train"]] == [l for _, l in s["history"]["train"]]  # identical losses
     assert adapter_bytes(half) == adapter_bytes(straight)                                 # identical adapter bytes
     assert r["pos"] == s["pos"]
@@ -65,18 +66,18 @@ def test_rng_state_is_the_training_devices_only(monkeypatch):
                         lambda s, device="cuda": calls.append(("set", s[0].item(), str(device))))
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", every_gpu)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", every_gpu)
-    rng = train.rng_state("cuda:3")                         # saved by the process training on GPU 3
+    rng = checkpoint.rng_state("cuda:3")                         # saved by the process training on GPU 3
     assert calls == [("get", "cuda:3")] and rng["cuda"].tolist() == [3] * 4
     cpu_before = torch.get_rng_state()
     torch.rand(5)
-    train.restore_rng(rng, "cuda:0")                        # resumed on a machine with one GPU
+    checkpoint.restore_rng(rng, "cuda:0")                        # resumed on a machine with one GPU
     assert calls[-1] == ("set", 3, "cuda:0") and torch.equal(torch.get_rng_state(), cpu_before)
     rng["cuda"] = [torch.full((4,), i, dtype=torch.uint8) for i in (5, 6, 7, 8)]  # older: one per visible GPU
-    train.restore_rng(rng, "cuda:1")
+    checkpoint.restore_rng(rng, "cuda:1")
     assert calls[-1] == ("set", 5, "cuda:1")
     n = len(calls)
-    train.restore_rng(rng, "cpu")                           # resumed on a CPU: no GPU state to set
-    assert train.rng_state("cpu")["cuda"] is None and len(calls) == n
+    checkpoint.restore_rng(rng, "cpu")                           # resumed on a CPU: no GPU state to set
+    assert checkpoint.rng_state("cpu")["cuda"] is None and len(calls) == n
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dir, tmp_path, monkeypatch, capsys):
@@ -88,7 +89,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_dir, tmp_path, monke
     err = capsys.readouterr().err
     assert "error: loss is" in err and "the last good checkpoint is kept" in err and "learning_rate" in err
     failed_at = int(err.split(" at step ")[1].split(".")[0])
-    state = torch.load(tmp_path / "nan" / train.STATE_FILE, weights_only=False)
+    state = torch.load(tmp_path / "nan" / checkpoint.STATE_FILE, weights_only=False)
     assert state["pos"]["iter"] == failed_at  # the checkpoint of the last finished step, not a poisoned one
     assert all(torch.isfinite(t).all() for t in load_file(str(tmp_path / "nan" / "adapter_model.safetensors")).values())
 
@@ -131,12 +132,12 @@ def test_fp16_loss_scaling_unscales_before_clipping_and_skips_overflow():
 def test_float16_run_trains_with_a_loss_scale_and_resumes_with_it(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     out = run(tmp_path, "fp16", "--max_iters=2", "--dtype=float16", base=tiny_dir)
-    state = torch.load(os.path.join(out, train.STATE_FILE), weights_only=True)
+    state = torch.load(os.path.join(out, checkpoint.STATE_FILE), weights_only=True)
     assert state["scaler"]["scale"] > 0 and all(math.isfinite(l) for _, l in state["history"]["train"])
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     assert metrics["skipped_steps"] == state["history"].get("skipped", 0)
     train.main([f"--out_dir={out}", "--init_from=resume", "--max_iters=3"])
-    assert torch.load(os.path.join(out, train.STATE_FILE), weights_only=True)["pos"]["iter"] == 3
+    assert torch.load(os.path.join(out, checkpoint.STATE_FILE), weights_only=True)["pos"]["iter"] == 3
 
 
 def test_unknown_config_key_names_the_closest(capsys):
@@ -186,7 +187,7 @@ def test_lr_schedule_warmup_then_cosine():
 def first_step_gradients(out):
     """The gradient of the first step, read back from the checkpoint: after one step AdamW's first moment is
     exactly (1 - beta1) * gradient (it starts at zero), so nothing but train.py itself has to run."""
-    state = torch.load(os.path.join(out, train.STATE_FILE), weights_only=True)
+    state = torch.load(os.path.join(out, checkpoint.STATE_FILE), weights_only=True)
     beta1 = state["config"]["beta1"]
     names = [n for n in state["trainable"]]  # the optimizer numbers parameters in this order
     return {n: state["optimizer"]["state"][i]["exp_avg"] / (1 - beta1) for i, n in enumerate(names)}, state
@@ -234,7 +235,7 @@ def test_real_steps_on_bundled_model_lower_the_loss(bundled_dir, tmp_path, monke
     monkeypatch.chdir(ROOT)
     out = run(tmp_path, "real", "--max_iters=3", "--eval_interval=3", "--max_seq_len=288", "--val_fraction=0.05",
               base=bundled_dir)
-    val = torch.load(os.path.join(out, train.STATE_FILE), weights_only=False)["history"]["val"]
+    val = torch.load(os.path.join(out, checkpoint.STATE_FILE), weights_only=False)["history"]["val"]
     assert val[0][0] == 0 and val[-1][0] == 3
     assert val[-1][1] < val[0][1] - 0.1, val  # validation loss (unseen passages) clearly down after 3 steps
     metrics = json.load(open(os.path.join(out, "metrics.json")))

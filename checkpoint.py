@@ -1,0 +1,60 @@
+"""
+A run that can stop and continue exactly (lesson 11): one file, train_state.pt in out_dir, holds everything a resume
+needs (the trainable weights, the optimizer's state, the random states, the position in the data), and is written
+so that a crash mid-write never leaves a broken one. `python train.py ... --init_from=resume` reads it back.
+"""
+
+import os
+import random
+import sys
+
+import torch
+
+from convert import atomic_write, write_json
+from lora import save_adapter
+
+STATE_FILE = "train_state.pt"
+
+
+def save_checkpoint(model, opt, cfg, pos, history, scaler=None):
+    """
+    One file holds everything a resume needs (trainable weights, optimizer, RNG, data position), written to a
+    temporary name and renamed, so a crash mid-write never leaves a broken checkpoint. The adapter is also written
+    in PEFT's format for sample.py, export.py and PEFT itself.
+    """
+    state = {"trainable": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+             "optimizer": opt.state_dict(), "pos": pos, "history": history, "config": cfg,
+             "scaler": scaler.state_dict() if scaler is not None else None,  # fp16's loss scale, plain numbers
+             "rng": rng_state(cfg["device"])}
+    atomic_write(os.path.join(cfg["out_dir"], STATE_FILE), lambda p: torch.save(state, p))
+    save_adapter(model, cfg["out_dir"], base_model_name_or_path=cfg["init_from"])  # the base (a resume keeps it)
+    write_json(os.path.join(cfg["out_dir"], "config.json"), cfg, indent=2, default=list)
+
+
+def rng_state(device):
+    """The random states a resume restores: CPU, Python, and the GPU this process trains on (only that one: a
+    checkpoint must resume on a machine with another number of GPUs)."""
+    cuda = torch.cuda.get_rng_state(device) if str(device).startswith("cuda") else None
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "cuda": cuda}
+
+
+def read_checkpoint(out_dir):
+    """The saved state of the run in out_dir, or a one-line error that says why there is none."""
+    path = os.path.join(out_dir, STATE_FILE)
+    if not os.path.exists(path):
+        sys.exit(f"error: init_from=resume but {path} does not exist (no run to continue in out_dir={out_dir!r})")
+    try:  # weights_only: tensors and plain containers only, so a downloaded run folder can never run code
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        sys.exit(f"error: {path} is not a readable train.py checkpoint ({type(e).__name__}: "
+                 f"{str(e).splitlines()[0]})")
+
+
+def restore_rng(rng, device):
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    cuda = rng["cuda"]
+    if isinstance(cuda, (list, tuple)):  # older checkpoints kept every GPU's state; the first was the one trained on
+        cuda = cuda[0] if cuda else None
+    if cuda is not None and str(device).startswith("cuda"):
+        torch.cuda.set_rng_state(cuda, device)
