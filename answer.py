@@ -30,7 +30,6 @@ from contextlib import nullcontext
 import torch
 
 import data
-from evaluate import answer_from_generation, f1_score, score
 from model import left_pad, rotate_half
 
 
@@ -85,7 +84,7 @@ _LINE_TABLES = {}  # (tokenizer, vocabulary size, device) -> the two masks below
 
 def _line_end_tables(tok, vocab, device):
     """Two (vocab,) masks: tokens whose text holds a newline, and tokens whose text holds something else than
-    whitespace. Only the first line of an answer counts (answer_from_generation), so a row's reading can stop at
+    whitespace. Only the first line of an answer counts (first_line), so a row's reading can stop at
     the newline that ends its first non-empty line: what a rambling base model writes after it costs nothing."""
     key = (id(tok), vocab, str(device))
     if key not in _LINE_TABLES:  # ids past the tokenizer's (a model's padded vocabulary) are neither
@@ -218,6 +217,13 @@ def _read_batch(model, tok, prompts, groups, na_ids, first_word, max_new_tokens)
     return [(out[b], ans_score[b].item(), na_score[b].item()) for b in range(B)]
 
 
+def first_line(text):
+    """What a reading says: its first non-empty line. Answers are short spans, and a model that does not stop cleanly
+    may run on into a new question."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
 @torch.no_grad()
 def read_passages(model, tok, rows, max_prompt_len, max_new_tokens=48, batch_size=8, ctx=None, progress=False):
     """
@@ -255,7 +261,7 @@ def read_passages(model, tok, rows, max_prompt_len, max_new_tokens=48, batch_siz
     per_row = [[] for _ in rows]
     for j, (i, w) in enumerate(owner):
         ids, ans_lp, na_lp = got[j]
-        per_row[i].append({"answer": answer_from_generation(tok.decode(ids)), "null_diff": na_lp - ans_lp,
+        per_row[i].append({"answer": first_line(tok.decode(ids)), "null_diff": na_lp - ans_lp,
                            "window": w})
     candidates = []
     for windows in per_row:  # the window most sure of an answer speaks for the passage
@@ -269,25 +275,8 @@ def abstain_above(candidates, threshold):
     return [c["answer"] if c["null_diff"] <= threshold else "" for c in candidates]
 
 
-def choose_threshold(candidates, golds):
-    """The threshold with the best F1 on these questions (SQuAD v2's best_f1_thresh), found in one sorted pass:
-    with the questions ordered by null_diff, a threshold answers a prefix of them and abstains on the rest."""
-    answer_f1 = [f1_score(c["answer"], g) for c, g in zip(candidates, golds)]
-    abstain_f1 = [f1_score("", g) for g in golds]
-    order = sorted(range(len(candidates)), key=lambda i: candidates[i]["null_diff"])
-    total = best = sum(abstain_f1)  # threshold below every null_diff: abstain on all
-    threshold = candidates[order[0]]["null_diff"] - 1.0 if order else 0.0
-    for k, i in enumerate(order):
-        total += answer_f1[i] - abstain_f1[i]
-        nxt = candidates[order[k + 1]]["null_diff"] if k + 1 < len(order) else candidates[i]["null_diff"] + 2.0
-        if total > best + 1e-9:
-            best, threshold = total, (candidates[i]["null_diff"] + nxt) / 2  # halfway to the next question
-    return threshold
-
-
 def answer_questions(model, tok, rows, cfg, ctx=None, threshold=0.0, progress=False):
-    """Read and abstain in one call: (score dict, predictions, candidates), as `python evaluate.py` reports them."""
+    """Read and abstain in one call: (predictions, candidates), as `python evaluate.py` scores them."""
     candidates = read_passages(model, tok, rows, cfg["max_seq_len"], cfg["max_new_tokens"],
                                cfg.get("eval_batch_size") or cfg["batch_size"], ctx, progress)
-    preds = abstain_above(candidates, threshold)
-    return score(preds, [r["answers"] for r in rows], [r["context"] for r in rows]), preds, candidates
+    return abstain_above(candidates, threshold), candidates

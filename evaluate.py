@@ -46,6 +46,7 @@ dtype = "auto"               # bfloat16 where this device computes it natively, 
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 
 import data  # noqa: E402
+from answer import answer_questions, first_line  # noqa: E402
 
 # One form per letter. Arabic ye/alef maksura and kaf become the Persian letters; teh marbuta and
 # heh-with-hamza become plain heh (the hamza of the Persian ezafe, «خانهٔ», is optional in writing).
@@ -86,6 +87,21 @@ def normalize_answer(s):
     return " ".join("".join(chars).lower().split())
 
 
+_NO_ANSWER_FORMS = tuple(normalize_answer(p) for p in _NO_ANSWER_PHRASES)
+
+
+def _says_no_answer(p):
+    """p: a normalised prediction. Is it the no-answer phrase written out ("... نیست." or "... نیست زیرا ...")?"""
+    return any(p == n or p.startswith(n + " ") for n in _NO_ANSWER_FORMS)
+
+
+def _prediction_form(pred):
+    """A prediction as it is scored: normalised, and "" where it says in words that the text has no answer (a
+    reading's answer is its first line as written, answer.py: first_line)."""
+    p = normalize_answer(pred)
+    return "" if _says_no_answer(p) else p
+
+
 def _gold_forms(golds):
     """Normalised gold answers; [""] for a question with no answer (SQuAD v2 convention)."""
     if isinstance(golds, str):
@@ -97,7 +113,7 @@ def _gold_forms(golds):
 
 def exact_match(pred, golds):
     """1.0 if the normalised prediction equals any normalised gold answer, else 0.0."""
-    p = normalize_answer(pred)
+    p = _prediction_form(pred)
     return float(any(p == g for g in _gold_forms(golds)))
 
 
@@ -115,30 +131,21 @@ def _f1_one(pred_tokens, gold_tokens):
 
 def f1_score(pred, golds):
     """Word-level F1 between the normalised prediction and the best-matching gold answer (0.0 to 1.0)."""
-    pred_tokens = normalize_answer(pred).split()
+    pred_tokens = _prediction_form(pred).split()
     return max(_f1_one(pred_tokens, g.split()) for g in _gold_forms(golds))
 
 
 def answer_from_generation(text):
-    """The model's generated text -> a prediction to score ("" means "no answer").
-
-    Answers are short spans, so only the first non-empty line counts (a model that does not stop cleanly
-    may run on into a new question). NO_ANSWER, or a close paraphrase of it, becomes "".
-    """
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    answer = lines[0] if lines else ""
-    norm = normalize_answer(answer)
-    for phrase in _NO_ANSWER_PHRASES:
-        p = normalize_answer(phrase)
-        if norm == p or norm.startswith(p + " "):  # "پاسخ در متن نیست." or "... نیست زیرا ..."
-            return ""
-    return answer
+    """The model's generated text -> a prediction to score ("" means "no answer"): its first non-empty line
+    (answer.py: first_line), and "" where that line is the no-answer phrase or a close paraphrase of it."""
+    answer = first_line(text)
+    return "" if _says_no_answer(normalize_answer(answer)) else answer
 
 
 def found_in_passage(pred, context):
     """Does the normalised prediction occur in the normalised passage, as whole words? An extractive answer always
     does; a non-empty answer that does not was made up (what the notes call a hallucination)."""
-    p = normalize_answer(pred)
+    p = _prediction_form(pred)
     return bool(p) and f" {p} " in f" {normalize_answer(context)} "
 
 
@@ -165,7 +172,7 @@ def score(predictions, golds, contexts=None):
         "no_answer_accuracy": percent([s for s, has in zip(em, has_answer) if not has]),
     }
     if contexts is not None:
-        answered = [(p, c) for p, c in zip(predictions, contexts) if normalize_answer(p)]
+        answered = [(p, c) for p, c in zip(predictions, contexts) if _prediction_form(p)]
         out["answered"] = len(answered)
         out["invented"] = percent([not found_in_passage(p, c) for p, c in answered])
     return out
@@ -202,10 +209,9 @@ def write_metrics(path, metrics):
 # The command:
 #   python evaluate.py --adapter=out/quickstart --test_data=data/persian_qa_heldout.jsonl [--test_limit=N]
 # scores a base model, a base + adapter, or a merged model on a QA file, and writes every prediction down
-# (in out_dir). Reading and abstaining are answer.py's: the one place this file reaches it.
+# (in out_dir). Reading and abstaining are answer.py's (answer_questions).
 
 def main(argv=None):
-    from answer import answer_questions
     from configurator import configure
     from memory import check_device, resolve_dtype
     from lora import load_model
@@ -240,10 +246,11 @@ def main(argv=None):
 
     t0 = time.time()
     try:
-        s, preds, candidates = answer_questions(model, tok, rows, {**cfg, "max_seq_len": max_len}, None, threshold,
-                                                progress=True)
+        preds, candidates = answer_questions(model, tok, rows, {**cfg, "max_seq_len": max_len}, None, threshold,
+                                             progress=True)
     except ValueError as e:  # a question so long that no window of passage fits next to it
         sys.exit(f"error: {e}")
+    s = score(preds, [r["answers"] for r in rows], [r["context"] for r in rows])
     baseline = score([""] * len(rows), [r["answers"] for r in rows])  # what answering nothing at all scores
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "predictions.jsonl"), "w", encoding="utf-8") as f:

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 
 import data
-from answer import abstain_above, choose_threshold, read_passages
-from evaluate import score, summary, write_metrics
+from answer import abstain_above, read_passages
+from evaluate import f1_score, score, summary, write_metrics
 from memory import gib, peak_memory
 
 
@@ -66,9 +66,25 @@ def global_val_loss(model, examples, cfg, pad_id, ctx, rank, world):
     return (t[0] / t[1]).item()
 
 
+def choose_threshold(candidates, golds):
+    """The threshold with the best F1 on these questions (SQuAD v2's best_f1_thresh), found in one sorted pass:
+    with the questions ordered by null_diff, a threshold answers a prefix of them and abstains on the rest."""
+    answer_f1 = [f1_score(c["answer"], g) for c, g in zip(candidates, golds)]
+    abstain_f1 = [f1_score("", g) for g in golds]
+    order = sorted(range(len(candidates)), key=lambda i: candidates[i]["null_diff"])
+    total = best = sum(abstain_f1)  # threshold below every null_diff: abstain on all
+    threshold = candidates[order[0]]["null_diff"] - 1.0 if order else 0.0
+    for k, i in enumerate(order):
+        total += answer_f1[i] - abstain_f1[i]
+        nxt = candidates[order[k + 1]]["null_diff"] if k + 1 < len(order) else candidates[i]["null_diff"] + 2.0
+        if total > best + 1e-9:
+            best, threshold = total, (candidates[i]["null_diff"] + nxt) / 2  # halfway to the next question
+    return threshold
+
+
 def answer_validation(model, tok, rows, cfg, ctx, rank, world, when):
     """EM/F1 on the validation questions, abstaining above the null_diff threshold that is best on them
-    (answer.py: choose_threshold): the model's best use of its own scores, before and after alike."""
+    (choose_threshold): the model's best use of its own scores, before and after alike."""
     candidates = read_all(model, tok, rows, cfg, ctx, rank, world)
     golds = [r["answers"] for r in rows]
     threshold = choose_threshold(candidates, golds)

@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 
-from answer import (_no_answer_ids, _shift_keys, abstain_above, choose_threshold, prefill_shared, read_passages,
-                    reading_windows)
-from evaluate import answer_from_generation, score
+from answer import _no_answer_ids, _shift_keys, abstain_above, first_line, prefill_shared, read_passages, reading_windows
+from evaluate import score
+from report import choose_threshold
 
 SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "persian_qa_sample.jsonl")
 
@@ -89,7 +89,7 @@ def test_read_passages_scores_equal_teacher_forced_log_probs(tiny_dir, tok):
             answer.append(int(logprobs(answer)[1][-1].argmax()))    # greedy to the end of turn or of the line
         ans_lp, _ = logprobs(answer)
         stop = next((i for i, t in enumerate(answer) if t in tok.stop_ids), len(answer))
-        assert r["answer"] == answer_from_generation(tok.decode(answer[:stop]))
+        assert r["answer"] == first_line(tok.decode(answer[:stop]))
         assert r["null_diff"] == pytest.approx(float(na_lp.sum() - ans_lp[:stop + 1].sum()), abs=1e-3)
         assert r["windows"] == 1
 

@@ -97,6 +97,19 @@ def test_answer_from_generation():
     assert answer_from_generation("متن شاهنامه") == "متن شاهنامه"
 
 
+def test_the_no_answer_phrase_written_out_scores_as_abstaining():
+    """A reading's answer is its first line as written (answer.py: first_line); when that line is the no-answer phrase
+    or a paraphrase, scoring counts it as "" (abstaining), not as an answer: right on an unanswerable question, not
+    answered, not invented."""
+    golds, contexts = [[], ["تهران"]], ["متن اول", "پایتخت ایران تهران است"]
+    for said in (NO_ANSWER, NO_ANSWER + ".", "پاسخي در متن نيست", "جواب در متن نیست؛ متن دربارهٔ چیز دیگری است"):
+        assert exact_match(said, []) == 1.0 and f1_score(said, []) == 1.0
+        assert f1_score(said, ["تهران"]) == 0.0 and not found_in_passage(said, "پاسخ در متن نیست")
+        s = score([said, "تهران"], golds, contexts)
+        assert s["answered"] == 1 and s["invented"] == 0.0 and s["exact_match"] == 100.0
+    assert exact_match("متن شاهنامه", []) == 0.0        # a real answer that merely starts with «متن» is an answer
+
+
 def test_score_aggregate():
     predictions = ["تهران", "شهر زیبای اصفهان", "", "مشهد"]
     golds = [["تهران"], ["اصفهان"], [], []]
