@@ -17,14 +17,15 @@ Step 2 is the best answer that is not the no-answer phrase, up to one greedy cho
 than the prompt allows is read in overlapping windows, and the window most sure of an answer speaks for it: each
 question gets one candidate, its best answer and that answer's null_diff (read_passages).
 
-The threshold is chosen on validation questions, where the right decision is known: the one with the best F1
-(choose_threshold). train.py stores it in the adapter's metrics.json, and `python evaluate.py` uses it, untouched,
-on test questions (abstain_above).
+The threshold is chosen during training on validation questions, where the right decision is known: the one
+with the best F1 (report.py: choose_threshold), stored in the adapter's metrics.json. `python evaluate.py` uses it,
+untouched, on test questions (abstain_above).
 
 Reading order: reading_windows -> the two scores (_no_answer_ids, prefill_shared, _read_batch) -> read_passages
--> abstain_above, choose_threshold -> answer_questions: all of it, scored as evaluate.py reports it.
+-> abstain_above -> answer_questions.
 """
 
+import functools
 from contextlib import nullcontext
 
 import torch
@@ -79,20 +80,14 @@ def _no_answer_ids(tok):
     return ids[:end + 1], min(len(tok.encode(data.NO_ANSWER.split()[0])), end)
 
 
-_LINE_TABLES = {}  # (tokenizer, vocabulary size, device) -> the two masks below, built once
-
-
+@functools.cache  # built once per tokenizer, vocabulary size and device
 def _line_end_tables(tok, vocab, device):
     """Two (vocab,) masks: tokens whose text holds a newline, and tokens whose text holds something else than
     whitespace. Only the first line of an answer counts (first_line), so a row's reading can stop at
     the newline that ends its first non-empty line: what a rambling base model writes after it costs nothing."""
-    key = (id(tok), vocab, str(device))
-    if key not in _LINE_TABLES:  # ids past the tokenizer's (a model's padded vocabulary) are neither
-        texts = [tok.decode([i]) if i < tok.vocab_size else "" for i in range(vocab)]
-        newline = torch.tensor(["\n" in t for t in texts], device=device)
-        visible = torch.tensor([bool(t.strip()) for t in texts], device=device)
-        _LINE_TABLES[key] = (newline, visible)
-    return _LINE_TABLES[key]
+    texts = [tok.decode([i]) if i < tok.vocab_size else "" for i in range(vocab)]  # past the tokenizer's: neither
+    return (torch.tensor(["\n" in t for t in texts], device=device),
+            torch.tensor([bool(t.strip()) for t in texts], device=device))
 
 
 def _shift_keys(k, shift, cos_table, sin_table):
@@ -261,13 +256,9 @@ def read_passages(model, tok, rows, max_prompt_len, max_new_tokens=48, batch_siz
     per_row = [[] for _ in rows]
     for j, (i, w) in enumerate(owner):
         ids, ans_lp, na_lp = got[j]
-        per_row[i].append({"answer": first_line(tok.decode(ids)), "null_diff": na_lp - ans_lp,
-                           "window": w})
-    candidates = []
-    for windows in per_row:  # the window most sure of an answer speaks for the passage
-        best = min(windows, key=lambda c: c["null_diff"])
-        candidates.append(dict(best, windows=len(windows)))
-    return candidates
+        per_row[i].append({"answer": first_line(tok.decode(ids)), "null_diff": na_lp - ans_lp, "window": w})
+    # the window most sure of an answer speaks for the passage
+    return [dict(min(windows, key=lambda c: c["null_diff"]), windows=len(windows)) for windows in per_row]
 
 
 def abstain_above(candidates, threshold):
