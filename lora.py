@@ -220,10 +220,8 @@ def apply_lora(model, r=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj"),
                              "would change those too: leave it out of targets (or train it with modules_to_save)")
 
     for name in chosen:
-        parent, _, child = name.rpartition(".")
-        layer = LoRALinear(modules[name], _per_module(rank_pattern, name, r), _per_module(alpha_pattern, name, alpha),
-                           dropout, use_rslora)
-        setattr(model.get_submodule(parent), child, layer)
+        model.set_submodule(name, LoRALinear(modules[name], _per_module(rank_pattern, name, r),
+                                             _per_module(alpha_pattern, name, alpha), dropout, use_rslora))
     model.lora_config = dict(   # PEFT's names, so save_adapter writes them as they are
         r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
         target_modules=sorted({n.rsplit(".", 1)[-1] for n in chosen}) if targets == "all-linear" else targets,
@@ -278,23 +276,16 @@ def _dense_linear(weight, bias):
 def merge_lora(model):
     """Merge every LoRA layer into its base, in place, and return the model as a plain dense model.
 
-    A 4-bit base is dequantized to its compute dtype and the update added there. Any other 4-bit layer is
-    dequantized too, so that model.save_pretrained(dir) writes an ordinary Hugging Face folder.
+    Every 4-bit layer is dequantized to its compute dtype first (a 4-bit LoRA base takes its update there), so
+    that model.save_pretrained(dir) writes an ordinary Hugging Face folder.
     """
-    for name, layer in lora_layers(model):
-        if isinstance(layer.base, Linear4bit):
-            w = layer.base.dequantize(layer.base.compute_dtype)                      # (out, in)
-            dense = _dense_linear(layer.merged_weight(w), layer.base.bias)
-        else:
-            layer.merge()
-            layer.weight_before_merge = None  # no unmerge after export: free the copy now
-            dense = layer.base
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, dense)
     for name, m in list(model.named_modules()):
         if isinstance(m, Linear4bit):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, _dense_linear(m.dequantize(m.compute_dtype), m.bias))
+            model.set_submodule(name, _dense_linear(m.dequantize(m.compute_dtype), m.bias))  # (out, in) weight
+    for name, layer in lora_layers(model):
+        layer.merge()
+        layer.weight_before_merge = None  # no unmerge after export: free the copy now
+        model.set_submodule(name, layer.base)
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
