@@ -238,15 +238,20 @@ def _saved_params(model):
     return {k: p for k, p in model.named_parameters(remove_duplicate=False) if id(p) in wanted}
 
 
+def _adapter_params(model):
+    """{state-dict key: parameter} of what training updates and an adapter holds: lora_A, lora_B, modules_to_save."""
+    params = {}
+    for name, layer in lora_layers(model):
+        params[f"{name}.lora_A.weight"] = layer.lora_A.weight
+        params[f"{name}.lora_B.weight"] = layer.lora_B.weight
+    return params | _saved_params(model)
+
+
 def mark_only_lora_as_trainable(model):
     """requires_grad on lora_A, lora_B and the modules_to_save; off everywhere else."""
+    trained = {id(p) for p in _adapter_params(model).values()}
     for p in model.parameters():
-        p.requires_grad_(False)
-    for _, layer in lora_layers(model):
-        layer.lora_A.weight.requires_grad_(True)
-        layer.lora_B.weight.requires_grad_(True)
-    for p in _saved_params(model).values():
-        p.requires_grad_(True)
+        p.requires_grad_(id(p) in trained)
 
 
 def trainable_report(model):
@@ -293,14 +298,6 @@ def merge_lora(model):
 
 # ----------------------------------------------------------------------------------------------------------------
 # PEFT's adapter folder: adapter_config.json + adapter_model.safetensors ("base_model.model.<path>.lora_A.weight").
-
-def _adapter_params(model):
-    params = {}
-    for name, layer in lora_layers(model):
-        params[f"{name}.lora_A.weight"] = layer.lora_A.weight
-        params[f"{name}.lora_B.weight"] = layer.lora_B.weight
-    return params | _saved_params(model)
-
 
 def save_adapter(model, out_dir, base_model_name_or_path=None):
     """Write the LoRA weights (and modules_to_save) as a PEFT adapter folder."""
