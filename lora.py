@@ -211,12 +211,10 @@ def apply_lora(model, r=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj"),
     both = [n for n in chosen if _is_target(n, modules_to_save)]
     if both:
         raise ValueError(f"{both} are both LoRA targets and modules_to_save: pick one")
-    names_of = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(p), []).append(n)
     for n in chosen:
-        if len(names_of[id(modules[n].weight)]) > 1:  # e.g. lm_head tied to embed_tokens
-            raise ValueError(f"{n} shares its weight with {names_of[id(modules[n].weight)]}, so merging a LoRA on it "
+        sharing = [k for k, p in model.named_parameters(remove_duplicate=False) if p is modules[n].weight]
+        if len(sharing) > 1:  # e.g. lm_head tied to embed_tokens
+            raise ValueError(f"{n} shares its weight with {sharing}, so merging a LoRA on it "
                              "would change those too: leave it out of targets (or train it with modules_to_save)")
 
     for name in chosen:
