@@ -128,10 +128,6 @@ class LoRALinear(nn.Module):
         """scaling * B A, the (out, in) update: built only for merging, in the dtype of A and B."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, r) @ (r, in) -> (out, in)
 
-    def merged_weight(self, w):
-        """w + scaling * B A, summed in fp32 and rounded once to w's dtype."""
-        return merge_weight(w, self.lora_A.weight, self.lora_B.weight, self.scaling)
-
     @torch.no_grad()
     def merge(self):
         """W0 <- W0 + scaling * B A, in place. Merging twice is merging once."""
@@ -142,7 +138,7 @@ class LoRALinear(nn.Module):
             return
         w = self.base.weight                                          # (out, in)
         self.weight_before_merge = w.detach().clone()
-        w.copy_(self.merged_weight(w))
+        w.copy_(merge_weight(w, self.lora_A.weight, self.lora_B.weight, self.scaling))
         self.merged = True
 
     @torch.no_grad()
