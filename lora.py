@@ -263,14 +263,6 @@ def trainable_report(model):
 # ----------------------------------------------------------------------------------------------------------------
 # Merging for export: every LoRALinear becomes a plain nn.Linear holding W0 + scaling * B A.
 
-def _dense_linear(weight, bias):
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")  # no init work
-    layer.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.to(weight.dtype), requires_grad=False)
-    return layer
-
-
 @torch.no_grad()
 def merge_lora(model):
     """Merge every LoRA layer into its base, in place, and return the model as a plain dense model.
@@ -280,7 +272,11 @@ def merge_lora(model):
     """
     for name, m in list(model.named_modules()):
         if isinstance(m, Linear4bit):
-            model.set_submodule(name, _dense_linear(m.dequantize(m.compute_dtype), m.bias))  # (out, in) weight
+            dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")  # no init work
+            dense.weight = nn.Parameter(m.dequantize(m.compute_dtype), requires_grad=False)          # (out, in)
+            if m.bias is not None:
+                dense.bias = nn.Parameter(m.bias.to(dense.weight.dtype), requires_grad=False)
+            model.set_submodule(name, dense)
     for name, layer in lora_layers(model):
         layer.merge()
         layer.weight_before_merge = None  # no unmerge after export: free the copy now
