@@ -151,9 +151,7 @@ def bpe_vocab(folder):
     return tokens, types, None, merges, bpe_pre_tokenizer(tj.get("pre_tokenizer"))
 
 
-def sentencepiece_vocab(folder):
-    import sentencepiece
-    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model"))
+def sentencepiece_vocab(sp):
     tokens, types, scores = {}, {}, {}
     for i in range(sp.get_piece_size()):
         tokens[i], scores[i] = sp.id_to_piece(i), sp.get_score(i)
@@ -169,7 +167,7 @@ def add_tokenizer(w, folder, vocab_size):
         w.add_tokenizer_model("gpt2")          # llama.cpp's name for byte-level BPE
         w.add_tokenizer_pre(pre)
     else:
-        tokens, types, scores, merges, pre = sentencepiece_vocab(folder)
+        tokens, types, scores, merges, pre = sentencepiece_vocab(tok.sp)
         w.add_tokenizer_model("llama")         # llama.cpp's name for SentencePiece
     if max(tokens) >= vocab_size:
         raise ValueError(f"{folder}: the tokenizer has {max(tokens) + 1} tokens, the model only {vocab_size} rows")
@@ -181,14 +179,8 @@ def add_tokenizer(w, folder, vocab_size):
         w.add_token_scores([scores.get(i, 0.0) for i in range(vocab_size)])
     if merges is not None:
         w.add_token_merges(merges)
-    pad = None
-    cfg_path = os.path.join(folder, "tokenizer_config.json")
-    if os.path.exists(cfg_path):
-        with open(cfg_path, encoding="utf-8") as f:
-            pad = json.load(f).get("pad_token")
-        pad = pad.get("content") if isinstance(pad, dict) else pad
     for tid, add in ((tok.bos_id, w.add_bos_token_id), (tok.eos_id, w.add_eos_token_id),
-                     (names.index(pad) if pad in names else None, w.add_pad_token_id)):
+                     (names.index(tok.pad_token) if tok.pad_token in names else None, w.add_pad_token_id)):
         if tid is not None:
             add(tid)
     w.add_add_bos_token(bool(tok.add_bos))
