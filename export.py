@@ -22,9 +22,7 @@ chat template. The folder: the merged tensors into one safetensors file, config.
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 import torch
@@ -43,7 +41,7 @@ import gguf  # noqa: E402
 
 import stream  # noqa: E402
 from configurator import configure  # noqa: E402
-from convert import GGUF_KEYS, atomic_write, half_to_interleaved, hf_config, permute_qk, write_json  # noqa: E402
+from convert import GGUF_KEYS, atomic_write, half_to_interleaved, permute_qk  # noqa: E402
 from lora import find_base, load_model, merge_lora  # noqa: E402
 from model import rope_frequencies  # noqa: E402
 from modelfile import write_modelfile  # noqa: E402
@@ -241,11 +239,9 @@ def write_gguf(weights, folder, path, type_name="f16", progress=True):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A merged Hugging Face folder: what transformers, vLLM or llama.cpp's own converter load as a normal model.
+# A merged Hugging Face folder (written by stream.py: write_folder), in the base's dtype or another.
 
 FOLDER_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json")
 
 
 def read_config(folder):
@@ -262,25 +258,6 @@ def base_type(base):
     cfg = read_config(base)
     names = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
     return names.get(cfg.get("torch_dtype") or cfg.get("dtype"), "f32")
-
-
-def write_folder(weights, base, out_dir, dtype):
-    """model.safetensors (one tensor at a time), config.json and the base's tokenizer files into a temporary folder
-    beside out_dir, then rename it: a crash leaves no half model. Returns the tokenizer files copied."""
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)), prefix=os.path.basename(out_dir) + ".tmp-")
-    try:
-        stream.write_safetensors(os.path.join(tmp, "model.safetensors"), weights, dtype)
-        write_json(os.path.join(tmp, "config.json"), hf_config(weights.args, dtype), indent=2)
-        copied = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(base, f))]
-        for f in copied:
-            shutil.copyfile(os.path.join(base, f), os.path.join(tmp, f))
-        os.chmod(tmp, 0o755)  # mkdtemp makes a private folder; a model folder is an ordinary one
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty (main checked)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return copied
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -344,7 +321,7 @@ def main(argv=None):
             write_gguf(weights, base, cfg["out"], type_name)
             modelfile, family = write_modelfile(cfg["out"], base)
         else:
-            copied = write_folder(weights, base, cfg["out"], dtype)
+            copied = stream.write_folder(weights, base, cfg["out"], dtype)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
     made = f"{base}" + (f" + {cfg['adapter']}" if cfg["adapter"] else "")

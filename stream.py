@@ -23,11 +23,13 @@ spaces to a multiple of 8 bytes, then the tensors' bytes, each at its offsets fr
 import json
 import math
 import os
+import shutil
+import tempfile
 from typing import Callable, NamedTuple
 
 import torch
 
-from convert import IGNORED, args_from_hf_config, atomic_write, check_keys, check_shape, hf_files
+from convert import IGNORED, args_from_hf_config, atomic_write, check_keys, check_shape, hf_config, hf_files, write_json
 from lora import load_adapter, lora_layers, merge_weight, read_adapter_weights
 from model import Llama, ModelArgs
 
@@ -136,7 +138,8 @@ def model_weights(model):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Writing safetensors one tensor at a time.
+# Writing a merged Hugging Face folder one tensor at a time: what transformers, vLLM or llama.cpp's own converter
+# load as a normal model.
 
 def write_safetensors(path, weights, dtype):
     """Every tensor of `weights` in `dtype`, in the bytes safetensors' save_file(state_dict, path,
@@ -159,3 +162,26 @@ def write_safetensors(path, weights, dtype):
                 t = weights.get(name).to(dtype).contiguous()
                 f.write(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, little-endian as in memory
     atomic_write(path, write)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
+
+
+def write_folder(weights, base, out_dir, dtype):
+    """model.safetensors (one tensor at a time), config.json and the base's tokenizer files into a temporary folder
+    beside out_dir, then rename it: a crash leaves no half model. Returns the tokenizer files copied."""
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)), prefix=os.path.basename(out_dir) + ".tmp-")
+    try:
+        write_safetensors(os.path.join(tmp, "model.safetensors"), weights, dtype)
+        write_json(os.path.join(tmp, "config.json"), hf_config(weights.args, dtype), indent=2)
+        copied = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(base, f))]
+        for f in copied:
+            shutil.copyfile(os.path.join(base, f), os.path.join(tmp, f))
+        os.chmod(tmp, 0o755)  # mkdtemp makes a private folder; a model folder is an ordinary one
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty (export.py checked)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return copied
