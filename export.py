@@ -42,7 +42,7 @@ import gguf  # noqa: E402
 import stream  # noqa: E402
 from configurator import configure  # noqa: E402
 from convert import GGUF_KEYS, atomic_write, half_to_interleaved, permute_qk  # noqa: E402
-from lora import find_base, load_model, merge_lora  # noqa: E402
+from lora import find_base  # noqa: E402
 from model import rope_frequencies  # noqa: E402
 from modelfile import write_modelfile  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -244,49 +244,6 @@ def write_gguf(weights, folder, path, type_name="f16", progress=True):
 FOLDER_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
-def read_config(folder):
-    """A folder's config.json as a dict, {} when it has none (Meta's layout, an adapter not written by train.py)."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def base_type(base):
-    """The dtype a checkpoint was saved in (its config.json), as a --type name; f32 when it does not say."""
-    cfg = read_config(base)
-    names = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
-    return names.get(cfg.get("torch_dtype") or cfg.get("dtype"), "f32")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Which weights. A checkpoint in 16 or 32 bits streams (stream.py). A 4-bit (NF4) checkpoint only has its rounded
-# weights: GGUF has no NF4 type, so it takes them dequantized, and only when asked. An adapter trained by QLoRA
-# (train.py's config.json beside it says quantize="nf4") learned its update on the NF4 rounding of a 16-bit base;
-# when that base is on disk (the adapter names it, or --init_from), its 16-bit weights are the ones merged: the
-# originals the 4-bit ones approximated.
-
-def open_weights(base, adapter, dtype, to_gguf, dequantize):
-    """(stream.Weights of base + adapter in `dtype`, a line saying which weights they are)."""
-    config = read_config(base)
-    if config.get("quantization_config") and to_gguf and not dequantize:
-        raise ValueError(f"{base} is a 4-bit (NF4) checkpoint and GGUF has no NF4 type; pass --init_from=<the "
-                         f"16-bit checkpoint it was made from> (the better weights), or --dequantize=True to write "
-                         f"its dequantized weights")
-    if config and not config.get("quantization_config"):
-        weights = stream.merged_weights(base, adapter, dtype)
-        which = f"{base} ({base_type(base)}), read one tensor at a time"
-    else:  # Meta's layout, or 4-bit: loaded whole and merged in memory (4-bit layers dequantized)
-        model, _ = load_model(base, adapter, dtype=dtype)
-        weights = stream.model_weights(merge_lora(model))
-        which = f"{base} ({'4-bit NF4, dequantized' if config else 'Meta layout'}), loaded whole"
-    if adapter and read_config(adapter).get("quantize") == "nf4" and not config.get("quantization_config"):
-        which += (f"; {adapter} was trained on their 4-bit NF4 rounding (its config.json: quantize='nf4'), and is "
-                  f"merged here into these {base_type(base)} originals")
-    return weights, which
-
-
 # ----------------------------------------------------------------------------------------------------------------
 
 def check_out(cfg, to_gguf):
@@ -310,12 +267,12 @@ def main(argv=None):
     check_out(cfg, to_gguf)
     try:
         base = find_base(cfg["init_from"], cfg["adapter"])
-        type_name = cfg["type"] or ("f16" if to_gguf else base_type(base))
+        type_name = cfg["type"] or ("f16" if to_gguf else stream.base_type(base))
         # GGUF: merge in fp32 and round once when writing. Folder: read in the dtype it writes; each merged weight
         # is still summed in fp32 and rounded once (lora.py: merge_weight), so a 16-bit base merges to the same
         # bytes as in fp32.
         dtype = torch.float32 if to_gguf else FOLDER_TYPES[type_name]
-        weights, which = open_weights(base, cfg["adapter"], dtype, to_gguf, cfg["dequantize"])
+        weights, which = stream.open_weights(base, cfg["adapter"], dtype, to_gguf, cfg["dequantize"])
         print(f"weights: {which}")
         if to_gguf:
             write_gguf(weights, base, cfg["out"], type_name)

@@ -30,7 +30,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from convert import IGNORED, args_from_hf_config, atomic_write, check_keys, check_shape, hf_config, hf_files, write_json
-from lora import load_adapter, lora_layers, merge_weight, read_adapter_weights
+from lora import load_adapter, load_model, lora_layers, merge_lora, merge_weight, read_adapter_weights
 from model import Llama, ModelArgs
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # a 16- or 32-bit checkpoint's types
@@ -135,6 +135,49 @@ def model_weights(model):
     (Meta's layout, 4-bit checkpoints)."""
     sd = model.state_dict()
     return Weights(model.args, model_shapes(model), lambda name: sd[name].detach())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which weights an export takes. A checkpoint in 16 or 32 bits streams (above). A 4-bit (NF4) checkpoint only has its
+# rounded weights: GGUF has no NF4 type, so it takes them dequantized, and only when asked. An adapter trained by
+# QLoRA (train.py's config.json beside it says quantize="nf4") learned its update on the NF4 rounding of a 16-bit
+# base; when that base is on disk (the adapter names it, or --init_from), its 16-bit weights are the ones merged:
+# the originals the 4-bit ones approximated.
+
+def read_config(folder):
+    """A folder's config.json as a dict, {} when it has none (Meta's layout, an adapter not written by train.py)."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def base_type(base):
+    """The dtype a checkpoint was saved in (its config.json), as export.py's --type name; f32 when it does not say."""
+    cfg = read_config(base)
+    names = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+    return names.get(cfg.get("torch_dtype") or cfg.get("dtype"), "f32")
+
+
+def open_weights(base, adapter, dtype, to_gguf, dequantize):
+    """(Weights of base + adapter in `dtype`, a line saying which weights they are)."""
+    config = read_config(base)
+    if config.get("quantization_config") and to_gguf and not dequantize:
+        raise ValueError(f"{base} is a 4-bit (NF4) checkpoint and GGUF has no NF4 type; pass --init_from=<the "
+                         f"16-bit checkpoint it was made from> (the better weights), or --dequantize=True to write "
+                         f"its dequantized weights")
+    if config and not config.get("quantization_config"):
+        weights = merged_weights(base, adapter, dtype)
+        which = f"{base} ({base_type(base)}), read one tensor at a time"
+    else:  # Meta's layout, or 4-bit: loaded whole and merged in memory (4-bit layers dequantized)
+        model, _ = load_model(base, adapter, dtype=dtype)
+        weights = model_weights(merge_lora(model))
+        which = f"{base} ({'4-bit NF4, dequantized' if config else 'Meta layout'}), loaded whole"
+    if adapter and read_config(adapter).get("quantize") == "nf4" and not config.get("quantization_config"):
+        which += (f"; {adapter} was trained on their 4-bit NF4 rounding (its config.json: quantize='nf4'), and is "
+                  f"merged here into these {base_type(base)} originals")
+    return weights, which
 
 
 # ----------------------------------------------------------------------------------------------------------------
