@@ -188,11 +188,8 @@ def add_tokenizer(w, folder, vocab_size):
 # ----------------------------------------------------------------------------------------------------------------
 
 def add_metadata(w, args, folder, ftype):
-    ctx = args.max_seq_len
-    cfg_path = os.path.join(folder, "config.json")
-    if os.path.exists(cfg_path):  # model.py caps max_seq_len at 8192; the file states what the model was trained for
-        with open(cfg_path) as f:
-            ctx = json.load(f).get("max_position_embeddings", ctx)
+    # model.py caps max_seq_len at 8192; config.json states what the model was trained for
+    ctx = stream.read_config(folder).get("max_position_embeddings", args.max_seq_len)
     w.add_name(os.path.basename(os.path.normpath(folder)))
     w.add_context_length(ctx)
     w.add_embedding_length(args.dim)
