@@ -264,12 +264,17 @@ def main(argv=None):
     check_out(cfg, to_gguf)
     try:
         base = find_base(cfg["init_from"], cfg["adapter"])
+        if to_gguf and stream.read_config(base).get("quantization_config") and not cfg["dequantize"]:
+            # a 4-bit (NF4) checkpoint only has its rounded weights: a GGUF takes them dequantized, only when asked
+            raise ValueError(f"{base} is a 4-bit (NF4) checkpoint and GGUF has no NF4 type; pass --init_from=<the "
+                             f"16-bit checkpoint it was made from> (the better weights), or --dequantize=True to "
+                             f"write its dequantized weights")
         type_name = cfg["type"] or ("f16" if to_gguf else stream.base_type(base))
         # GGUF: merge in fp32 and round once when writing. Folder: read in the dtype it writes; each merged weight
         # is still summed in fp32 and rounded once (lora.py: merge_weight), so a 16-bit base merges to the same
         # bytes as in fp32.
         dtype = torch.float32 if to_gguf else FOLDER_TYPES[type_name]
-        weights, which = stream.open_weights(base, cfg["adapter"], dtype, to_gguf, cfg["dequantize"])
+        weights, which = stream.open_weights(base, cfg["adapter"], dtype)
         print(f"weights: {which}")
         if to_gguf:
             write_gguf(weights, base, cfg["out"], type_name)

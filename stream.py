@@ -138,11 +138,11 @@ def model_weights(model):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Which weights an export takes. A checkpoint in 16 or 32 bits streams (above). A 4-bit (NF4) checkpoint only has its
-# rounded weights: GGUF has no NF4 type, so it takes them dequantized, and only when asked. An adapter trained by
-# QLoRA (train.py's config.json beside it says quantize="nf4") learned its update on the NF4 rounding of a 16-bit
-# base; when that base is on disk (the adapter names it, or --init_from), its 16-bit weights are the ones merged:
-# the originals the 4-bit ones approximated.
+# Which weights an export takes. A checkpoint in 16 or 32 bits streams (above); Meta's layout and a 4-bit (NF4)
+# checkpoint are loaded whole, the 4-bit one dequantized. An adapter trained by QLoRA (train.py's config.json beside
+# it says quantize="nf4") learned its update on the NF4 rounding of a 16-bit base; when that base is on disk (the
+# adapter names it, or --init_from), its 16-bit weights are the ones merged: the originals the 4-bit ones
+# approximated.
 
 def read_config(folder):
     """A folder's config.json as a dict, {} when it has none (Meta's layout, an adapter not written by train.py)."""
@@ -160,13 +160,9 @@ def base_type(base):
     return names.get(cfg.get("torch_dtype") or cfg.get("dtype"), "f32")
 
 
-def open_weights(base, adapter, dtype, to_gguf, dequantize):
+def open_weights(base, adapter, dtype):
     """(Weights of base + adapter in `dtype`, a line saying which weights they are)."""
     config = read_config(base)
-    if config.get("quantization_config") and to_gguf and not dequantize:
-        raise ValueError(f"{base} is a 4-bit (NF4) checkpoint and GGUF has no NF4 type; pass --init_from=<the "
-                         f"16-bit checkpoint it was made from> (the better weights), or --dequantize=True to write "
-                         f"its dequantized weights")
     if config and not config.get("quantization_config"):
         weights = merged_weights(base, adapter, dtype)
         which = f"{base} ({base_type(base)}), read one tensor at a time"
