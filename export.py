@@ -48,13 +48,14 @@ from modelfile import write_modelfile  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 G = gguf.GGMLQuantizationType
-TYPES = {  # --type -> (the matrices' GGML type, the file_type llama.cpp reports)
+TYPES = {  # --type of a GGUF file -> (the matrices' GGML type, the file_type llama.cpp reports)
     "f32": (G.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (G.F16, gguf.LlamaFileType.MOSTLY_F16),
     "bf16": (G.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "q8_0": (G.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
     "q4_0": (G.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
+FOLDER_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}  # --type of a folder -> dtype
 HF_TO_GGUF = {ours: theirs for theirs, ours in GGUF_KEYS.items()}  # our (HF) name -> llama.cpp's, {i}-patterns
 
 
@@ -236,12 +237,7 @@ def write_gguf(weights, folder, path, type_name="f16", progress=True):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A merged Hugging Face folder (written by stream.py: write_folder), in the base's dtype or another.
-
-FOLDER_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-
-
-# ----------------------------------------------------------------------------------------------------------------
+# The command: check --out and --type, choose the weights (stream.py), write the GGUF file or the folder.
 
 def check_out(cfg, to_gguf):
     """Exit with one line on a bad --type or --out; nothing is ever overwritten."""
