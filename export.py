@@ -11,12 +11,13 @@ A GGUF file is a header of key/value metadata (the architecture's sizes, the tok
 table of tensors (name, shape, type, offset), then the tensor bytes. Everything llama.cpp needs is in that one
 file; nothing is read from config.json or tokenizer.json at run time.
 
-The model is never loaded: stream.py reads the base one tensor at a time, merges the adapter into it and hands it
-to the writer, so a 7B export fits a laptop (Meta's layout and 4-bit checkpoints are the exception: they are loaded
-whole and merged in memory). The GGUF steps, top to bottom: rename each tensor to llama.cpp's name and put q/k rows
-back in llama.cpp's interleaved RoPE order (the inverse of what convert.py does when it reads a GGUF), choose each
-tensor's type, write the metadata and the tokenizer, then the tensors; then the Modelfile that tells Ollama the
-chat template. The folder: the merged tensors into one safetensors file, config.json and the tokenizer files.
+The model is never loaded: stream.py reads the base one tensor at a time and merges the adapter into it, so a 7B
+export fits a laptop (Meta's layout and 4-bit checkpoints are the exception: they are loaded whole and merged in
+memory); it also writes the folder: the merged tensors into one safetensors file, config.json and the tokenizer
+files. This file writes the GGUF, top to bottom: rename each tensor to llama.cpp's name and put q/k rows back in
+llama.cpp's interleaved RoPE order (the inverse of what convert.py does when it reads a GGUF), choose each tensor's
+type, write the metadata and the tokenizer, then the tensors; then the Modelfile (modelfile.py) that tells Ollama
+the chat template.
 """
 
 import json
@@ -187,6 +188,7 @@ def add_tokenizer(w, folder, vocab_size):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The file: the metadata (the architecture, then the tokenizer), the table of tensors, then their bytes.
 
 def add_metadata(w, args, folder, ftype):
     # model.py caps max_seq_len at 8192; config.json states what the model was trained for
@@ -219,8 +221,8 @@ def write_gguf(weights, folder, path, type_name="f16", progress=True):
     add_tokenizer(w, folder, weights.args.vocab_size)
     # The table of tensors comes before their bytes, so every shape and type is declared first (the shapes are
     # known without reading a tensor); the bytes are then read, merged and converted one tensor at a time.
-    plan = [(name, shape, key, tensor_type(shape, qtype)) for name, shape, key in gguf_tensors(weights.args,
-                                                                                               weights.shapes)]
+    plan = gguf_tensors(weights.args, weights.shapes)
+    plan = [(name, shape, key, tensor_type(shape, qtype)) for name, shape, key in plan]
     for name, shape, key, tt in plan:
         block, size = gguf.GGML_QUANT_SIZES[tt]
         w.add_tensor_info(name, shape, np.float32, math.prod(shape) // block * size, raw_dtype=tt)
@@ -272,22 +274,20 @@ def main(argv=None):
         dtype = torch.float32 if to_gguf else FOLDER_TYPES[type_name]
         weights, which = stream.open_weights(base, cfg["adapter"], dtype)
         print(f"weights: {which}")
+        made = base + (f" + {cfg['adapter']}" if cfg["adapter"] else "")
         if to_gguf:
             write_gguf(weights, base, cfg["out"], type_name)
             modelfile, family = write_modelfile(cfg["out"], base)
+            print(f"wrote {cfg['out']} ({type_name}, {os.path.getsize(cfg['out']) / 2**20:.1f} MiB) from {made}")
+            name = os.path.basename(cfg["out"])[:-len(".gguf")]
+            print(f"wrote {modelfile} ({family or 'no'} chat template): ollama create {name} -f {modelfile}; "
+                  f"ollama run {name}")
         else:
             copied = stream.write_folder(weights, base, cfg["out"], dtype)
+            print(f"wrote {cfg['out']}/ ({type_name}, merged; copied {', '.join(copied) or 'no tokenizer files'}) "
+                  f"from {made}")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    made = f"{base}" + (f" + {cfg['adapter']}" if cfg["adapter"] else "")
-    if to_gguf:
-        print(f"wrote {cfg['out']} ({type_name}, {os.path.getsize(cfg['out']) / 2**20:.1f} MiB) from {made}")
-        name = os.path.basename(cfg["out"])[:-len(".gguf")]
-        print(f"wrote {modelfile} ({family or 'no'} chat template): ollama create {name} -f {modelfile}; "
-              f"ollama run {name}")
-    else:
-        print(f"wrote {cfg['out']}/ ({type_name}, merged; copied {', '.join(copied) or 'no tokenizer files'}) "
-              f"from {made}")
 
 
 if __name__ == "__main__":
