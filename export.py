@@ -11,20 +11,19 @@ A GGUF file is a header of key/value metadata (the architecture's sizes, the tok
 table of tensors (name, shape, type, offset), then the tensor bytes. Everything llama.cpp needs is in that one
 file; nothing is read from config.json or tokenizer.json at run time.
 
-The model is never loaded: stream.py reads the base one tensor at a time, merges the adapter into it and hands it
-to the writer, so a 7B export fits a laptop (Meta's layout and 4-bit checkpoints are the exception: they are loaded
-whole and merged in memory). The GGUF steps, top to bottom: rename each tensor to llama.cpp's name and put q/k rows
-back in llama.cpp's interleaved RoPE order (the inverse of what convert.py does when it reads a GGUF), choose each
-tensor's type, write the metadata and the tokenizer, then the tensors; then the Modelfile that tells Ollama the
-chat template. The folder: the merged tensors into one safetensors file, config.json and the tokenizer files.
+The model is never loaded: stream.py reads the base one tensor at a time and merges the adapter into it, so a 7B
+export fits a laptop (Meta's layout and 4-bit checkpoints are the exception: they are loaded whole and merged in
+memory); it also writes the folder: the merged tensors into one safetensors file, config.json and the tokenizer
+files. This file writes the GGUF, top to bottom: rename each tensor to llama.cpp's name and put q/k rows back in
+llama.cpp's interleaved RoPE order (the inverse of what convert.py does when it reads a GGUF), choose each tensor's
+type, write the metadata and the tokenizer, then the tensors; then the Modelfile (modelfile.py) that tells Ollama
+the chat template.
 """
 
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 import torch
@@ -43,20 +42,21 @@ import gguf  # noqa: E402
 
 import stream  # noqa: E402
 from configurator import configure  # noqa: E402
-from convert import GGUF_KEYS, atomic_write, half_to_interleaved, hf_config, permute_qk, write_json  # noqa: E402
-from lora import find_base, load_model, merge_lora  # noqa: E402
+from convert import GGUF_KEYS, atomic_write, half_to_interleaved, permute_qk  # noqa: E402
+from lora import find_base  # noqa: E402
 from model import rope_frequencies  # noqa: E402
 from modelfile import write_modelfile  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 G = gguf.GGMLQuantizationType
-TYPES = {  # --type -> (the matrices' GGML type, the file_type llama.cpp reports)
+TYPES = {  # --type of a GGUF file -> (the matrices' GGML type, the file_type llama.cpp reports)
     "f32": (G.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (G.F16, gguf.LlamaFileType.MOSTLY_F16),
     "bf16": (G.BF16, gguf.LlamaFileType.MOSTLY_BF16),
     "q8_0": (G.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
     "q4_0": (G.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
+FOLDER_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}  # --type of a folder -> dtype
 HF_TO_GGUF = {ours: theirs for theirs, ours in GGUF_KEYS.items()}  # our (HF) name -> llama.cpp's, {i}-patterns
 
 
@@ -151,9 +151,7 @@ def bpe_vocab(folder):
     return tokens, types, None, merges, bpe_pre_tokenizer(tj.get("pre_tokenizer"))
 
 
-def sentencepiece_vocab(folder):
-    import sentencepiece
-    sp = sentencepiece.SentencePieceProcessor(model_file=os.path.join(folder, "tokenizer.model"))
+def sentencepiece_vocab(sp):
     tokens, types, scores = {}, {}, {}
     for i in range(sp.get_piece_size()):
         tokens[i], scores[i] = sp.id_to_piece(i), sp.get_score(i)
@@ -169,7 +167,7 @@ def add_tokenizer(w, folder, vocab_size):
         w.add_tokenizer_model("gpt2")          # llama.cpp's name for byte-level BPE
         w.add_tokenizer_pre(pre)
     else:
-        tokens, types, scores, merges, pre = sentencepiece_vocab(folder)
+        tokens, types, scores, merges, pre = sentencepiece_vocab(tok.sp)
         w.add_tokenizer_model("llama")         # llama.cpp's name for SentencePiece
     if max(tokens) >= vocab_size:
         raise ValueError(f"{folder}: the tokenizer has {max(tokens) + 1} tokens, the model only {vocab_size} rows")
@@ -181,14 +179,8 @@ def add_tokenizer(w, folder, vocab_size):
         w.add_token_scores([scores.get(i, 0.0) for i in range(vocab_size)])
     if merges is not None:
         w.add_token_merges(merges)
-    pad = None
-    cfg_path = os.path.join(folder, "tokenizer_config.json")
-    if os.path.exists(cfg_path):
-        with open(cfg_path, encoding="utf-8") as f:
-            pad = json.load(f).get("pad_token")
-        pad = pad.get("content") if isinstance(pad, dict) else pad
     for tid, add in ((tok.bos_id, w.add_bos_token_id), (tok.eos_id, w.add_eos_token_id),
-                     (names.index(pad) if pad in names else None, w.add_pad_token_id)):
+                     (names.index(tok.pad_token) if tok.pad_token in names else None, w.add_pad_token_id)):
         if tid is not None:
             add(tid)
     w.add_add_bos_token(bool(tok.add_bos))
@@ -196,13 +188,11 @@ def add_tokenizer(w, folder, vocab_size):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The file: the metadata (the architecture, then the tokenizer), the table of tensors, then their bytes.
 
 def add_metadata(w, args, folder, ftype):
-    ctx = args.max_seq_len
-    cfg_path = os.path.join(folder, "config.json")
-    if os.path.exists(cfg_path):  # model.py caps max_seq_len at 8192; the file states what the model was trained for
-        with open(cfg_path) as f:
-            ctx = json.load(f).get("max_position_embeddings", ctx)
+    # model.py caps max_seq_len at 8192; config.json states what the model was trained for
+    ctx = stream.read_config(folder).get("max_position_embeddings", args.max_seq_len)
     w.add_name(os.path.basename(os.path.normpath(folder)))
     w.add_context_length(ctx)
     w.add_embedding_length(args.dim)
@@ -231,8 +221,8 @@ def write_gguf(weights, folder, path, type_name="f16", progress=True):
     add_tokenizer(w, folder, weights.args.vocab_size)
     # The table of tensors comes before their bytes, so every shape and type is declared first (the shapes are
     # known without reading a tensor); the bytes are then read, merged and converted one tensor at a time.
-    plan = [(name, shape, key, tensor_type(shape, qtype)) for name, shape, key in gguf_tensors(weights.args,
-                                                                                               weights.shapes)]
+    plan = gguf_tensors(weights.args, weights.shapes)
+    plan = [(name, shape, key, tensor_type(shape, qtype)) for name, shape, key in plan]
     for name, shape, key, tt in plan:
         block, size = gguf.GGML_QUANT_SIZES[tt]
         w.add_tensor_info(name, shape, np.float32, math.prod(shape) // block * size, raw_dtype=tt)
@@ -249,76 +239,7 @@ def write_gguf(weights, folder, path, type_name="f16", progress=True):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A merged Hugging Face folder: what transformers, vLLM or llama.cpp's own converter load as a normal model.
-
-FOLDER_TYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json")
-
-
-def read_config(folder):
-    """A folder's config.json as a dict, {} when it has none (Meta's layout, an adapter not written by train.py)."""
-    path = os.path.join(folder, "config.json")
-    if not os.path.exists(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
-
-
-def base_type(base):
-    """The dtype a checkpoint was saved in (its config.json), as a --type name; f32 when it does not say."""
-    cfg = read_config(base)
-    names = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
-    return names.get(cfg.get("torch_dtype") or cfg.get("dtype"), "f32")
-
-
-def write_folder(weights, base, out_dir, dtype):
-    """model.safetensors (one tensor at a time), config.json and the base's tokenizer files into a temporary folder
-    beside out_dir, then rename it: a crash leaves no half model. Returns the tokenizer files copied."""
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)), prefix=os.path.basename(out_dir) + ".tmp-")
-    try:
-        stream.write_safetensors(os.path.join(tmp, "model.safetensors"), weights, dtype)
-        write_json(os.path.join(tmp, "config.json"), hf_config(weights.args, dtype), indent=2)
-        copied = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(base, f))]
-        for f in copied:
-            shutil.copyfile(os.path.join(base, f), os.path.join(tmp, f))
-        os.chmod(tmp, 0o755)  # mkdtemp makes a private folder; a model folder is an ordinary one
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty (main checked)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return copied
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Which weights. A checkpoint in 16 or 32 bits streams (stream.py). A 4-bit (NF4) checkpoint only has its rounded
-# weights: GGUF has no NF4 type, so it takes them dequantized, and only when asked. An adapter trained by QLoRA
-# (train.py's config.json beside it says quantize="nf4") learned its update on the NF4 rounding of a 16-bit base;
-# when that base is on disk (the adapter names it, or --init_from), its 16-bit weights are the ones merged: the
-# originals the 4-bit ones approximated.
-
-def open_weights(base, adapter, dtype, to_gguf, dequantize):
-    """(stream.Weights of base + adapter in `dtype`, a line saying which weights they are)."""
-    config = read_config(base)
-    if config.get("quantization_config") and to_gguf and not dequantize:
-        raise ValueError(f"{base} is a 4-bit (NF4) checkpoint and GGUF has no NF4 type; pass --init_from=<the "
-                         f"16-bit checkpoint it was made from> (the better weights), or --dequantize=True to write "
-                         f"its dequantized weights")
-    if config and not config.get("quantization_config"):
-        weights = stream.merged_weights(base, adapter, dtype)
-        which = f"{base} ({base_type(base)}), read one tensor at a time"
-    else:  # Meta's layout, or 4-bit: loaded whole and merged in memory (4-bit layers dequantized)
-        model, _ = load_model(base, adapter, dtype=dtype)
-        weights = stream.model_weights(merge_lora(model))
-        which = f"{base} ({'4-bit NF4, dequantized' if config else 'Meta layout'}), loaded whole"
-    if adapter and read_config(adapter).get("quantize") == "nf4" and not config.get("quantization_config"):
-        which += (f"; {adapter} was trained on their 4-bit NF4 rounding (its config.json: quantize='nf4'), and is "
-                  f"merged here into these {base_type(base)} originals")
-    return weights, which
-
-
-# ----------------------------------------------------------------------------------------------------------------
+# The command: check --out and --type, choose the weights (stream.py), write the GGUF file or the folder.
 
 def check_out(cfg, to_gguf):
     """Exit with one line on a bad --type or --out; nothing is ever overwritten."""
@@ -341,29 +262,32 @@ def main(argv=None):
     check_out(cfg, to_gguf)
     try:
         base = find_base(cfg["init_from"], cfg["adapter"])
-        type_name = cfg["type"] or ("f16" if to_gguf else base_type(base))
+        if to_gguf and stream.read_config(base).get("quantization_config") and not cfg["dequantize"]:
+            # a 4-bit (NF4) checkpoint only has its rounded weights: a GGUF takes them dequantized, only when asked
+            raise ValueError(f"{base} is a 4-bit (NF4) checkpoint and GGUF has no NF4 type; pass --init_from=<the "
+                             f"16-bit checkpoint it was made from> (the better weights), or --dequantize=True to "
+                             f"write its dequantized weights")
+        type_name = cfg["type"] or ("f16" if to_gguf else stream.base_type(base))
         # GGUF: merge in fp32 and round once when writing. Folder: read in the dtype it writes; each merged weight
         # is still summed in fp32 and rounded once (lora.py: merge_weight), so a 16-bit base merges to the same
         # bytes as in fp32.
         dtype = torch.float32 if to_gguf else FOLDER_TYPES[type_name]
-        weights, which = open_weights(base, cfg["adapter"], dtype, to_gguf, cfg["dequantize"])
+        weights, which = stream.open_weights(base, cfg["adapter"], dtype)
         print(f"weights: {which}")
+        made = base + (f" + {cfg['adapter']}" if cfg["adapter"] else "")
         if to_gguf:
             write_gguf(weights, base, cfg["out"], type_name)
             modelfile, family = write_modelfile(cfg["out"], base)
+            print(f"wrote {cfg['out']} ({type_name}, {os.path.getsize(cfg['out']) / 2**20:.1f} MiB) from {made}")
+            name = os.path.basename(cfg["out"])[:-len(".gguf")]
+            print(f"wrote {modelfile} ({family or 'no'} chat template): ollama create {name} -f {modelfile}; "
+                  f"ollama run {name}")
         else:
-            copied = write_folder(weights, base, cfg["out"], dtype)
+            copied = stream.write_folder(weights, base, cfg["out"], dtype)
+            print(f"wrote {cfg['out']}/ ({type_name}, merged; copied {', '.join(copied) or 'no tokenizer files'}) "
+                  f"from {made}")
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    made = f"{base}" + (f" + {cfg['adapter']}" if cfg["adapter"] else "")
-    if to_gguf:
-        print(f"wrote {cfg['out']} ({type_name}, {os.path.getsize(cfg['out']) / 2**20:.1f} MiB) from {made}")
-        name = os.path.basename(cfg["out"])[:-len(".gguf")]
-        print(f"wrote {modelfile} ({family or 'no'} chat template): ollama create {name} -f {modelfile}; "
-              f"ollama run {name}")
-    else:
-        print(f"wrote {cfg['out']}/ ({type_name}, merged; copied {', '.join(copied) or 'no tokenizer files'}) "
-              f"from {made}")
 
 
 if __name__ == "__main__":

@@ -128,10 +128,6 @@ class LoRALinear(nn.Module):
         """scaling * B A, the (out, in) update: built only for merging, in the dtype of A and B."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, r) @ (r, in) -> (out, in)
 
-    def merged_weight(self, w):
-        """w + scaling * B A, summed in fp32 and rounded once to w's dtype."""
-        return merge_weight(w, self.lora_A.weight, self.lora_B.weight, self.scaling)
-
     @torch.no_grad()
     def merge(self):
         """W0 <- W0 + scaling * B A, in place. Merging twice is merging once."""
@@ -142,7 +138,7 @@ class LoRALinear(nn.Module):
             return
         w = self.base.weight                                          # (out, in)
         self.weight_before_merge = w.detach().clone()
-        w.copy_(self.merged_weight(w))
+        w.copy_(merge_weight(w, self.lora_A.weight, self.lora_B.weight, self.scaling))
         self.merged = True
 
     @torch.no_grad()
@@ -211,19 +207,15 @@ def apply_lora(model, r=8, alpha=16, dropout=0.05, targets=("q_proj", "v_proj"),
     both = [n for n in chosen if _is_target(n, modules_to_save)]
     if both:
         raise ValueError(f"{both} are both LoRA targets and modules_to_save: pick one")
-    names_of = {}
-    for n, p in model.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(p), []).append(n)
     for n in chosen:
-        if len(names_of[id(modules[n].weight)]) > 1:  # e.g. lm_head tied to embed_tokens
-            raise ValueError(f"{n} shares its weight with {names_of[id(modules[n].weight)]}, so merging a LoRA on it "
+        sharing = [k for k, p in model.named_parameters(remove_duplicate=False) if p is modules[n].weight]
+        if len(sharing) > 1:  # e.g. lm_head tied to embed_tokens
+            raise ValueError(f"{n} shares its weight with {sharing}, so merging a LoRA on it "
                              "would change those too: leave it out of targets (or train it with modules_to_save)")
 
     for name in chosen:
-        parent, _, child = name.rpartition(".")
-        layer = LoRALinear(modules[name], _per_module(rank_pattern, name, r), _per_module(alpha_pattern, name, alpha),
-                           dropout, use_rslora)
-        setattr(model.get_submodule(parent), child, layer)
+        model.set_submodule(name, LoRALinear(modules[name], _per_module(rank_pattern, name, r),
+                                             _per_module(alpha_pattern, name, alpha), dropout, use_rslora))
     model.lora_config = dict(   # PEFT's names, so save_adapter writes them as they are
         r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=use_rslora,
         target_modules=sorted({n.rsplit(".", 1)[-1] for n in chosen}) if targets == "all-linear" else targets,
@@ -240,15 +232,20 @@ def _saved_params(model):
     return {k: p for k, p in model.named_parameters(remove_duplicate=False) if id(p) in wanted}
 
 
+def _adapter_params(model):
+    """{state-dict key: parameter} of what training updates and an adapter holds: lora_A, lora_B, modules_to_save."""
+    params = {}
+    for name, layer in lora_layers(model):
+        params[f"{name}.lora_A.weight"] = layer.lora_A.weight
+        params[f"{name}.lora_B.weight"] = layer.lora_B.weight
+    return params | _saved_params(model)
+
+
 def mark_only_lora_as_trainable(model):
     """requires_grad on lora_A, lora_B and the modules_to_save; off everywhere else."""
+    trained = {id(p) for p in _adapter_params(model).values()}
     for p in model.parameters():
-        p.requires_grad_(False)
-    for _, layer in lora_layers(model):
-        layer.lora_A.weight.requires_grad_(True)
-        layer.lora_B.weight.requires_grad_(True)
-    for p in _saved_params(model).values():
-        p.requires_grad_(True)
+        p.requires_grad_(id(p) in trained)
 
 
 def trainable_report(model):
@@ -266,35 +263,24 @@ def trainable_report(model):
 # ----------------------------------------------------------------------------------------------------------------
 # Merging for export: every LoRALinear becomes a plain nn.Linear holding W0 + scaling * B A.
 
-def _dense_linear(weight, bias):
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")  # no init work
-    layer.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        layer.bias = nn.Parameter(bias.to(weight.dtype), requires_grad=False)
-    return layer
-
-
 @torch.no_grad()
 def merge_lora(model):
     """Merge every LoRA layer into its base, in place, and return the model as a plain dense model.
 
-    A 4-bit base is dequantized to its compute dtype and the update added there. Any other 4-bit layer is
-    dequantized too, so that model.save_pretrained(dir) writes an ordinary Hugging Face folder.
+    Every 4-bit layer is dequantized to its compute dtype first (a 4-bit LoRA base takes its update there), so
+    that model.save_pretrained(dir) writes an ordinary Hugging Face folder.
     """
-    for name, layer in lora_layers(model):
-        if isinstance(layer.base, Linear4bit):
-            w = layer.base.dequantize(layer.base.compute_dtype)                      # (out, in)
-            dense = _dense_linear(layer.merged_weight(w), layer.base.bias)
-        else:
-            layer.merge()
-            layer.weight_before_merge = None  # no unmerge after export: free the copy now
-            dense = layer.base
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, dense)
     for name, m in list(model.named_modules()):
         if isinstance(m, Linear4bit):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, _dense_linear(m.dequantize(m.compute_dtype), m.bias))
+            dense = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")  # no init work
+            dense.weight = nn.Parameter(m.dequantize(m.compute_dtype), requires_grad=False)          # (out, in)
+            if m.bias is not None:
+                dense.bias = nn.Parameter(m.bias.to(dense.weight.dtype), requires_grad=False)
+            model.set_submodule(name, dense)
+    for name, layer in lora_layers(model):
+        layer.merge()
+        layer.weight_before_merge = None  # no unmerge after export: free the copy now
+        model.set_submodule(name, layer.base)
     if hasattr(model, "lora_config"):
         del model.lora_config
     return model
@@ -302,14 +288,6 @@ def merge_lora(model):
 
 # ----------------------------------------------------------------------------------------------------------------
 # PEFT's adapter folder: adapter_config.json + adapter_model.safetensors ("base_model.model.<path>.lora_A.weight").
-
-def _adapter_params(model):
-    params = {}
-    for name, layer in lora_layers(model):
-        params[f"{name}.lora_A.weight"] = layer.lora_A.weight
-        params[f"{name}.lora_B.weight"] = layer.lora_B.weight
-    return params | _saved_params(model)
-
 
 def save_adapter(model, out_dir, base_model_name_or_path=None):
     """Write the LoRA weights (and modules_to_save) as a PEFT adapter folder."""

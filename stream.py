@@ -23,12 +23,14 @@ spaces to a multiple of 8 bytes, then the tensors' bytes, each at its offsets fr
 import json
 import math
 import os
+import shutil
+import tempfile
 from typing import Callable, NamedTuple
 
 import torch
 
-from convert import IGNORED, args_from_hf_config, atomic_write, check_keys, check_shape, hf_files
-from lora import load_adapter, lora_layers, merge_weight, read_adapter_weights
+from convert import IGNORED, args_from_hf_config, atomic_write, check_keys, check_shape, hf_config, hf_files, write_json
+from lora import load_adapter, load_model, lora_layers, merge_lora, merge_weight, read_adapter_weights
 from model import Llama, ModelArgs
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # a 16- or 32-bit checkpoint's types
@@ -136,7 +138,47 @@ def model_weights(model):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Writing safetensors one tensor at a time.
+# Which weights an export takes. A checkpoint in 16 or 32 bits streams (above); Meta's layout and a 4-bit (NF4)
+# checkpoint are loaded whole, the 4-bit one dequantized. An adapter trained by QLoRA (train.py's config.json beside
+# it says quantize="nf4") learned its update on the NF4 rounding of a 16-bit base; when that base is on disk (the
+# adapter names it, or --init_from), its 16-bit weights are the ones merged: the originals the 4-bit ones
+# approximated.
+
+def read_config(folder):
+    """A folder's config.json as a dict, {} when it has none (Meta's layout, an adapter not written by train.py)."""
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def base_type(base):
+    """The dtype a checkpoint was saved in (its config.json), as export.py's --type name; f32 when it does not say."""
+    cfg = read_config(base)
+    names = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+    return names.get(cfg.get("torch_dtype") or cfg.get("dtype"), "f32")
+
+
+def open_weights(base, adapter, dtype):
+    """(Weights of base + adapter in `dtype`, a line saying which weights they are)."""
+    config = read_config(base)
+    if config and not config.get("quantization_config"):
+        weights = merged_weights(base, adapter, dtype)
+        which = f"{base} ({base_type(base)}), read one tensor at a time"
+    else:  # Meta's layout, or 4-bit: loaded whole and merged in memory (4-bit layers dequantized)
+        model, _ = load_model(base, adapter, dtype=dtype)
+        weights = model_weights(merge_lora(model))
+        which = f"{base} ({'4-bit NF4, dequantized' if config else 'Meta layout'}), loaded whole"
+    if adapter and read_config(adapter).get("quantize") == "nf4" and not config.get("quantization_config"):
+        which += (f"; {adapter} was trained on their 4-bit NF4 rounding (its config.json: quantize='nf4'), and is "
+                  f"merged here into these {base_type(base)} originals")
+    return weights, which
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing a merged Hugging Face folder one tensor at a time: what transformers, vLLM or llama.cpp's own converter
+# load as a normal model.
 
 def write_safetensors(path, weights, dtype):
     """Every tensor of `weights` in `dtype`, in the bytes safetensors' save_file(state_dict, path,
@@ -159,3 +201,26 @@ def write_safetensors(path, weights, dtype):
                 t = weights.get(name).to(dtype).contiguous()
                 f.write(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, little-endian as in memory
     atomic_write(path, write)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json")
+
+
+def write_folder(weights, base, out_dir, dtype):
+    """model.safetensors (one tensor at a time), config.json and the base's tokenizer files into a temporary folder
+    beside out_dir, then rename it: a crash leaves no half model. Returns the tokenizer files copied."""
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)), prefix=os.path.basename(out_dir) + ".tmp-")
+    try:
+        write_safetensors(os.path.join(tmp, "model.safetensors"), weights, dtype)
+        write_json(os.path.join(tmp, "config.json"), hf_config(weights.args, dtype), indent=2)
+        copied = [f for f in TOKENIZER_FILES if os.path.exists(os.path.join(base, f))]
+        for f in copied:
+            shutil.copyfile(os.path.join(base, f), os.path.join(tmp, f))
+        os.chmod(tmp, 0o755)  # mkdtemp makes a private folder; a model folder is an ordinary one
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty (export.py checked)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return copied

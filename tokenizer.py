@@ -57,6 +57,7 @@ class Tokenizer:
         if self.kind == "sentencepiece":
             bos, eos = bos or self.sp.id_to_piece(self.sp.bos_id()), eos or self.sp.id_to_piece(self.sp.eos_id())
         self.bos_token, self.eos_token = bos, eos
+        self.pad_token = _token_str(cfg.get("pad_token"))  # None if unnamed; export.py records it in a GGUF
         self.bos_id, self.eos_id = vocab.get(bos), vocab.get(eos)
         # Generation ends at the end-of-sequence token or at any end-of-turn token the vocabulary has.
         self.stop_ids = {vocab[t] for t in END_OF_TURN if t in vocab} | ({self.eos_id} - {None})

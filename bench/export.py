@@ -110,7 +110,7 @@ def measure(cfg):
         model, _ = load_model(base, adapter, dtype=dtype)
         weights = stream.model_weights(merge_lora(model))
         if cfg["folder"]:
-            export.write_folder(weights, base, path, dtype)
+            stream.write_folder(weights, base, path, dtype)
         else:
             export.write_gguf(weights, base, path, cfg["type"], progress=False)
     report_result(dict(peak_mib=peak_rss_mib(), after_imports_mib=after_imports, seconds=time.perf_counter() - t0,
