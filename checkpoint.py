@@ -1,7 +1,12 @@
 """
-A run that can stop and continue exactly (lesson 11): one file, train_state.pt in out_dir, holds everything a resume
-needs (the trainable weights, the optimizer's state, the random states, the position in the data), and is written
-so that a crash mid-write never leaves a broken one. `python train.py ... --init_from=resume` reads it back.
+A fine-tune on disk, both ways.
+
+Loading: every command starts the same way, find the base model, load it (in 4 bits if asked), put the adapter on it
+(load_model). train.py, sample.py, evaluate.py and export.py all call it, so they find the same base the same way.
+
+Saving a run that can stop and continue exactly (lesson 11): one file, train_state.pt in out_dir, holds everything a
+resume needs (the trainable weights, the optimizer's state, the random states, the position in the data), and is
+written so that a crash mid-write never leaves a broken one. `python train.py ... --init_from=resume` reads it back.
 """
 
 import os
@@ -10,8 +15,40 @@ import sys
 
 import torch
 
-from convert import atomic_write, write_json
-from lora import save_adapter
+from convert import BUNDLED_DIR, atomic_write, write_json
+from lora import load_adapter, read_adapter_config, save_adapter
+from model import Llama
+
+def find_base(init_from, adapter):
+    """The checkpoint folder to load: init_from, else the base the adapter names (its base_model_name_or_path),
+    else the bundled SmolLM2. Raises FileNotFoundError / ValueError with what to do."""
+    base = init_from
+    if adapter and not base:
+        named = read_adapter_config(adapter).get("base_model_name_or_path")
+        if named and not os.path.isdir(named):
+            raise FileNotFoundError(f"the adapter's base model {named!r} (base_model_name_or_path in {adapter}/"
+                                    f"adapter_config.json) is not a folder here; pass --init_from=<the base "
+                                    f"checkpoint folder>")
+        base = named
+    base = base or BUNDLED_DIR
+    if not os.path.isdir(base):
+        raise FileNotFoundError(f"checkpoint folder {base!r} not found. Create it with: python prepare.py "
+                                f"[--hub_id=<hub repo id>]")
+    return base
+
+
+def load_model(init_from="", adapter="", quantize="none", dtype=torch.float32, device="cpu", max_seq_len=None):
+    """(model, base folder): the base model (quantize="nf4": its linear layers in 4 bits, as QLoRA trains them)
+    with the adapter loaded when one is given. Raises FileNotFoundError / ValueError with what to do."""
+    base = find_base(init_from, adapter)
+    model = Llama.from_pretrained(base, dtype=dtype, device=device, max_seq_len=max_seq_len,
+                                  quantize=None if quantize == "none" else quantize)  # the settings say "none"
+    if adapter:
+        load_adapter(model, adapter)
+    return model, base
+
+
+# -- a run saved so it can continue --------------------------------------------------------------------------------
 
 STATE_FILE = "train_state.pt"
 

@@ -214,7 +214,7 @@ def write_metrics(path, metrics):
 def main(argv=None):
     from configurator import configure
     from memory import check_device, resolve_dtype
-    from lora import load_model
+    from checkpoint import load_model
     from tokenizer import Tokenizer
 
     cfg = configure(settings, argv)

@@ -43,7 +43,7 @@ import gguf  # noqa: E402
 import stream  # noqa: E402
 from configurator import configure  # noqa: E402
 from convert import GGUF_KEYS, atomic_write, half_to_interleaved, permute_qk  # noqa: E402
-from lora import find_base  # noqa: E402
+from checkpoint import find_base  # noqa: E402
 from model import rope_frequencies  # noqa: E402
 from modelfile import write_modelfile  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402

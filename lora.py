@@ -16,7 +16,7 @@ so a 4096 x 4096 projection with r = 8 trains 65,536 numbers instead of 16.8 mil
 QLoRA is the same layer on top of a frozen 4-bit base (quant.Linear4bit): only the base changes.
 
 Files are PEFT's: an adapter saved here loads with peft.PeftModel.from_pretrained, and a PEFT adapter loads here.
-Reading order: LoRALinear -> apply_lora (put it into a model) -> merge_lora -> save/load_adapter -> load_model
+Reading order: LoRALinear -> apply_lora (put it into a model) -> merge_lora -> save/load_adapter
 (the base + an adapter, as every command loads them). Merging into a new checkpoint on disk is export.py's job.
 """
 
@@ -29,8 +29,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from convert import BUNDLED_DIR, atomic_write, write_json
-from model import Llama
+from convert import atomic_write, write_json
 from quant import Linear4bit
 
 LINEAR = (nn.Linear, Linear4bit)  # the layers LoRA can sit on
@@ -395,36 +394,3 @@ def load_adapter(model, adapter_dir):
         params[key].copy_(t)
     model.lora_config["base_model_name_or_path"] = cfg.get("base_model_name_or_path")
     return model
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Every command starts the same way: find the base model, load it (in 4 bits if asked), put the adapter on it.
-# train.py, sample.py, evaluate.py and export.py all call load_model, so they find the same base the same way.
-
-def find_base(init_from, adapter):
-    """The checkpoint folder to load: init_from, else the base the adapter names (its base_model_name_or_path),
-    else the bundled SmolLM2. Raises FileNotFoundError / ValueError with what to do."""
-    base = init_from
-    if adapter and not base:
-        named = read_adapter_config(adapter).get("base_model_name_or_path")
-        if named and not os.path.isdir(named):
-            raise FileNotFoundError(f"the adapter's base model {named!r} (base_model_name_or_path in {adapter}/"
-                                    f"adapter_config.json) is not a folder here; pass --init_from=<the base "
-                                    f"checkpoint folder>")
-        base = named
-    base = base or BUNDLED_DIR
-    if not os.path.isdir(base):
-        raise FileNotFoundError(f"checkpoint folder {base!r} not found. Create it with: python prepare.py "
-                                f"[--hub_id=<hub repo id>]")
-    return base
-
-
-def load_model(init_from="", adapter="", quantize="none", dtype=torch.float32, device="cpu", max_seq_len=None):
-    """(model, base folder): the base model (quantize="nf4": its linear layers in 4 bits, as QLoRA trains them)
-    with the adapter loaded when one is given. Raises FileNotFoundError / ValueError with what to do."""
-    base = find_base(init_from, adapter)
-    model = Llama.from_pretrained(base, dtype=dtype, device=device, max_seq_len=max_seq_len,
-                                  quantize=None if quantize == "none" else quantize)  # the settings say "none"
-    if adapter:
-        load_adapter(model, adapter)
-    return model, base

@@ -36,7 +36,7 @@ settings = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 
 from configurator import configure  # noqa: E402
 from memory import check_device, resolve_dtype  # noqa: E402
-from lora import load_model  # noqa: E402
+from checkpoint import load_model  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 

@@ -30,7 +30,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from convert import IGNORED, args_from_hf_config, atomic_write, check_keys, check_shape, hf_config, hf_files, write_json
-from lora import load_adapter, load_model, lora_layers, merge_lora, merge_weight, read_adapter_weights
+from checkpoint import load_model
+from lora import load_adapter, lora_layers, merge_lora, merge_weight, read_adapter_weights
 from model import Llama, ModelArgs
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # a 16- or 32-bit checkpoint's types
@@ -99,7 +100,7 @@ def model_shapes(model):
 def merged_weights(base, adapter="", dtype=torch.float32):
     """
     The checkpoint `base` (Hugging Face layout, 16 or 32 bits) with `adapter` merged in, as Weights whose get(name)
-    reads, merges and returns one tensor in `dtype`: the tensor lora.load_model(..., dtype) + merge_lora would hold,
+    reads, merges and returns one tensor in `dtype`: the tensor checkpoint.load_model(..., dtype) + merge_lora would hold,
     bit for bit. The adapter is checked as loading it does (same errors), on a model without memory.
     """
     args, index = checkpoint_index(base)

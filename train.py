@@ -71,8 +71,8 @@ settings = {k: v for k, v in globals().items() if not k.startswith("_") and isin
 
 from configurator import configure  # noqa: E402
 import data  # noqa: E402
-from checkpoint import read_checkpoint, restore_rng, save_checkpoint  # noqa: E402
-from lora import apply_lora, load_model, trainable_report  # noqa: E402
+from checkpoint import load_model, read_checkpoint, restore_rng, save_checkpoint  # noqa: E402
+from lora import apply_lora, trainable_report  # noqa: E402
 from memory import (check_device, give_back_freed_memory, gib, memory_estimate, peak_memory,  # noqa: E402
                     resident_memory, resolve_dtype)
 from optim import PagedAdamW  # noqa: E402

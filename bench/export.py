@@ -98,7 +98,8 @@ def measure(cfg):
     """Export in this process, as cfg["worker"] says, and hand the peak RSS to the parent process."""
     import export
     import stream
-    from lora import load_model, merge_lora
+    from checkpoint import load_model
+    from lora import merge_lora
     base, adapter, out = paths(cfg)
     after_imports = rss_mib()
     t0 = time.perf_counter()

@@ -12,6 +12,7 @@ import gguf
 import pytest
 import torch
 
+import checkpoint
 import export
 import lora
 import modelfile
@@ -278,7 +279,7 @@ def base_and_adapter(request, small_tok, tmp_path_factory):
 def whole_model(base, adapter, dtype):
     """What export.py did before it streamed (and still does for Meta's layout and 4-bit checkpoints): load the
     base and the adapter, merge in memory."""
-    model, _ = lora.load_model(base, adapter, dtype=dtype)
+    model, _ = checkpoint.load_model(base, adapter, dtype=dtype)
     return lora.merge_lora(model)
 
 
