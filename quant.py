@@ -80,7 +80,6 @@ class QuantState:
 
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsandbytes accepts
-CHUNK = 2**18  # weights quantized at a time: a whole number of blocks for every blocksize
 
 
 def _absmax_quantize(x, table, blocksize):
@@ -110,8 +109,8 @@ def quantize_nf4(weight, blocksize=64, double_quant=True):
     packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=device)
     # Work in chunks so the fp32 temporaries stay small even for a 4096 x 11008 weight.
-    for start in range(0, n, CHUNK):
-        x = flat[start:start + CHUNK].float()                              # (L,)
+    for start in range(0, n, kernels.CHUNK):
+        x = flat[start:start + kernels.CHUNK].float()                      # (L,)
         codes, chunk_absmax = _absmax_quantize(x, table, blocksize)        # (L padded to blocks,), (L / blocksize,)
         codes = codes[:x.numel() + x.numel() % 2]                          # odd count: keep one padding nibble (7)
         # two nibbles per byte, the FIRST value in the HIGH nibble
