@@ -7,15 +7,9 @@ about a third of PersianQA and a quarter of our bundled sample). After loading, 
 
     {"id": "pqs-0001", "title": "...", "context": "...", "question": "...", "answers": ["span", ...]}
 
-with `answers == []` for an unanswerable question. Files come in two shapes and we accept both:
-
-  flat, one row per JSON object (JSONL, or a JSON list), as on the Hugging Face Hub:
-    {"id", "title", "context", "question", "answers": {"text": [...], "answer_start": [...]}}
-    (`answers` may also be a list of {"text", "answer_start"} dicts, or the plain list of spans that
-    load_qa_rows itself returns, so rows it wrote back to JSONL load again)
-  nested SQuAD v2 JSON, as the PersianQA authors ship pqa_train.json / pqa_test.json:
-    {"data": [{"title", "paragraphs": [{"context", "qas": [{"id", "question", "is_impossible",
-                                                          "answers": [{"text", "answer_start"}]}]}]}]}
+with `answers == []` for an unanswerable question. Files come in two shapes (EXPECTED_SHAPE) and we accept
+both: flat rows, one JSON object each (JSONL or a JSON list), as on the Hugging Face Hub, and the nested
+SQuAD v2 JSON (data -> paragraphs -> qas, with is_impossible) the PersianQA authors ship as pqa_train.json.
 
 Real data sets carry a few broken rows (an empty question, an answer that is not in its context).
 We skip those rather than crash, count them by reason, and say so in one printed line.
@@ -32,11 +26,9 @@ from collections import Counter
 # and evaluate.py maps it back to the empty prediction before scoring.
 NO_ANSWER = "پاسخ در متن نیست"
 
-EXPECTED_SHAPE = (
-    "expected JSONL or a JSON list of rows like "
-    '{"id", "title", "context", "question", "answers": {"text": [...], "answer_start": [...]}}, '
-    'or SQuAD v2 JSON {"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}'
-)
+EXPECTED_SHAPE = ('expected JSONL or a JSON list of rows like {"id", "title", "context", "question", "answers": '
+                  '{"text": [...], "answer_start": [...]}}, '
+                  'or SQuAD v2 JSON {"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}')
 
 
 def _flatten_squad(data):
@@ -57,10 +49,9 @@ def _read_raw(text):
     except json.JSONDecodeError:
         whole = None
     if isinstance(whole, dict) and isinstance(whole.get("data"), list):
-        data = whole["data"]
-        if all(isinstance(a, dict) and "paragraphs" in a for a in data):
-            return list(_flatten_squad(data)), []
-        return data, []  # {"data": [flat rows]}, as some exporters write it
+        whole = whole["data"]  # SQuAD articles, or {"data": [flat rows]} as some exporters write it
+        if all(isinstance(a, dict) and "paragraphs" in a for a in whole):
+            return list(_flatten_squad(whole)), []
     if isinstance(whole, list):
         return whole, []
     rows, bad_lines = [], []
@@ -75,7 +66,8 @@ def _read_raw(text):
 
 
 def _answer_pairs(answers):
-    """Any accepted answers field -> list of (text, answer_start); None if the shape is wrong."""
+    """Any accepted answers field -> list of (text, answer_start); None if the shape is wrong. Accepted: the Hub's
+    {"text": [...], "answer_start": [...]}, SQuAD's list of {"text", "answer_start"}, and a plain list of spans."""
     if isinstance(answers, dict):
         texts, starts = answers.get("text"), answers.get("answer_start")
         if not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts):
@@ -84,7 +76,7 @@ def _answer_pairs(answers):
     if isinstance(answers, list) and all(isinstance(a, dict) for a in answers):
         return [(a.get("text"), a.get("answer_start")) for a in answers]
     if isinstance(answers, list) and all(isinstance(a, str) for a in answers):
-        return [(a, None) for a in answers]  # our own output shape: spans without offsets
+        return [(a, None) for a in answers]  # what load_qa_rows returns: rows it wrote to JSONL load again
     return None
 
 
@@ -121,32 +113,23 @@ def _check_row(raw, index):
 
 
 def load_qa_rows(path):
-    """Read QA rows from `path` (flat JSONL/JSON or nested SQuAD v2 JSON). Returns (rows, n_skipped).
-
-    Malformed rows are skipped; when any are, one line says how many, why, and from which file.
-    """
+    """Read QA rows from `path` (flat JSONL/JSON or nested SQuAD v2 JSON). Returns (rows, n_skipped)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no QA data file at {path!r}: {EXPECTED_SHAPE}. "
                                 f"The bundled sample is data/persian_qa_sample.jsonl.")
     with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
         raw_rows, bad_lines = _read_raw(f.read())
 
-    rows, reasons = [], Counter()
-    for index, raw in enumerate(raw_rows):
-        row, reason = _check_row(raw, index)
-        if row is None:
-            reasons[reason] += 1
-        else:
-            rows.append(row)
-
+    checked = [_check_row(raw, index) for index, raw in enumerate(raw_rows)]  # (row, None) or (None, reason)
+    rows = [row for row, _ in checked if row is not None]
+    reasons = Counter(reason for row, reason in checked if row is None)
     n_skipped = sum(reasons.values()) + len(bad_lines)
     if n_skipped:
         parts = [f"{n} {reason}" for reason, n in reasons.most_common()]
         if bad_lines:
             shown = ", ".join(str(n) for n in bad_lines[:5]) + (", ..." if len(bad_lines) > 5 else "")
             parts.append(f"{len(bad_lines)} bad JSON on line{'s' if len(bad_lines) > 1 else ''} {shown}")
-        total = len(raw_rows) + len(bad_lines)
-        print(f"{path}: skipped {n_skipped} of {total} rows ({', '.join(parts)})")
+        print(f"{path}: skipped {n_skipped} of {len(raw_rows) + len(bad_lines)} rows ({', '.join(parts)})")
     if not rows:
         raise ValueError(f"{path}: no usable QA rows; {EXPECTED_SHAPE}")
     return rows, n_skipped
