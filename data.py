@@ -70,9 +70,8 @@ def _answer_pairs(answers):
     {"text": [...], "answer_start": [...]}, SQuAD's list of {"text", "answer_start"}, and a plain list of spans."""
     if isinstance(answers, dict):
         texts, starts = answers.get("text"), answers.get("answer_start")
-        if not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts):
-            return None
-        return list(zip(texts, starts))
+        parallel = isinstance(texts, list) and isinstance(starts, list) and len(texts) == len(starts)
+        return list(zip(texts, starts)) if parallel else None
     if isinstance(answers, list) and all(isinstance(a, dict) for a in answers):
         return [(a.get("text"), a.get("answer_start")) for a in answers]
     if isinstance(answers, list) and all(isinstance(a, str) for a in answers):
@@ -264,9 +263,9 @@ def fit_passage(tok, row, max_len, seed=0):
     span = (start, start + len(answer)) if row["answers"] else None  # unanswerable: the window may go anywhere
     need_passage = max(MIN_PASSAGE_TOKENS, len(tok.encode(answer)) if span else 0)
     need = frame + need_passage + n_answer - 1
-    budget = max_len + 1 - frame - n_answer  # tokens the passage may take
-    if budget < need_passage:
+    if max_len < need:
         return None, "dropped", need
+    budget = max_len + 1 - frame - n_answer  # tokens the passage may take, at least need_passage
     rng = random.Random(f"{seed}:{row['id']}")  # each row its own window, the same in every run
     window = shrink_to_fit(tok, question, frame, budget, first_guess(tok, context, budget),
                            lambda n: training_window(context, n, rng, span), tries=8)
