@@ -414,19 +414,19 @@ def save_hf(model, out_dir, extra_config=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# GGUF (llama.cpp) -> Hugging Face layout: the bundled SmolLM2 ships this way. The gguf and tokenizers packages
-# are imported inside these functions: only a conversion needs them, not every program that loads a model.
+# GGUF (llama.cpp): the bundled SmolLM2 ships this way (prepare.py: convert_gguf makes it a Hugging Face folder).
+# read_gguf imports the gguf package when called: only reading a GGUF needs it, not every program that loads a model.
 
-def _gguf_value(reader, key, default=None):
+def gguf_value(reader, key, default=None):
     field = reader.fields.get(key)
     return field.contents() if field is not None else default
 
 
 def args_from_gguf(reader, max_seq_len=None):
-    arch = _gguf_value(reader, "general.architecture")
+    arch = gguf_value(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"unsupported GGUF architecture {arch!r}: this project implements LLaMA models")
-    g = lambda k, d=None: _gguf_value(reader, f"llama.{k}", d)  # noqa: E731
+    g = lambda k, d=None: gguf_value(reader, f"llama.{k}", d)  # noqa: E731
     tensors = {t.name: t for t in reader.tensors}
     n_heads, dim, theta = g("attention.head_count"), g("embedding_length"), g("rope.freq_base", 10000.0)
     head_dim = g("attention.key_length", dim // n_heads)  # written only when it is not dim / n_heads
@@ -436,7 +436,7 @@ def args_from_gguf(reader, max_seq_len=None):
         scaling = llama3_scaling(factors, head_dim, theta)
     return ModelArgs(dim=dim, n_layers=g("block_count"), n_heads=n_heads, head_dim=head_dim,
                      n_kv_heads=g("attention.head_count_kv", n_heads), hidden_dim=g("feed_forward_length"),
-                     vocab_size=len(_gguf_value(reader, "tokenizer.ggml.tokens")),
+                     vocab_size=len(gguf_value(reader, "tokenizer.ggml.tokens")),
                      norm_eps=g("attention.layer_norm_rms_epsilon", 1e-5), rope_theta=theta, rope_scaling=scaling,
                      max_seq_len=max_seq_len or min(g("context_length", 4096), 8192),
                      tie_embeddings="output.weight" not in tensors)
@@ -474,46 +474,3 @@ def read_gguf(reader, args):
         key = rename(t.name, GGUF_KEYS) or t.name  # a name not in the table: load_state_one_by_one reports it
         w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())  # numpy shape = PyTorch's (out, in)
         yield key, permute_qk(key, w, args, interleaved_to_half)
-
-
-def gguf_tokenizer(reader):
-    """
-    Rebuild the byte-level BPE tokenizer from GGUF metadata: vocabulary, ranked merges, special (control) tokens,
-    and the pre-tokenizer named in tokenizer.ggml.pre ("smollm": every digit on its own, then GPT-2's splitting).
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    if _gguf_value(reader, "tokenizer.ggml.model") != "gpt2":
-        raise ValueError("only byte-level BPE ('gpt2') GGUF tokenizers are converted here")
-    tokens = _gguf_value(reader, "tokenizer.ggml.tokens")
-    types = _gguf_value(reader, "tokenizer.ggml.token_type")
-    merges = [tuple(m.split(" ", 1)) for m in _gguf_value(reader, "tokenizer.ggml.merges")]
-    tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
-    splits = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-    if _gguf_value(reader, "tokenizer.ggml.pre") == "smollm":
-        splits.insert(0, pre_tokenizers.Digits(individual_digits=True))
-    tk.pre_tokenizer = pre_tokenizers.Sequence(splits)
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
-    return tk, tokens
-
-
-def convert_gguf(gguf_path, out_dir):
-    """Write a Hugging Face-layout folder (fp32 safetensors, config, tokenizer, chat template) from a GGUF file."""
-    from gguf import GGUFReader
-    reader = GGUFReader(gguf_path)
-    args = args_from_gguf(reader)
-    model = load_state_one_by_one(args, read_gguf(reader, args), torch.float32, "cpu", where=gguf_path)
-    tk, tokens = gguf_tokenizer(reader)
-    ids = {k: _gguf_value(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
-    tok_cfg = {"bos_token": tokens[ids["bos"]] if ids["bos"] is not None else None,
-               "eos_token": tokens[ids["eos"]] if ids["eos"] is not None else None,
-               "pad_token": tokens[ids["padding"]] if ids["padding"] is not None else None,
-               "add_bos_token": bool(_gguf_value(reader, "tokenizer.ggml.add_bos_token", False)),
-               "chat_template": _gguf_value(reader, "tokenizer.chat_template"),
-               "model_max_length": args.max_seq_len}
-    os.makedirs(out_dir, exist_ok=True)
-    atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda p: tk.save(p))
-    write_json(os.path.join(out_dir, "tokenizer_config.json"), tok_cfg, end="", indent=2, ensure_ascii=False)
-    # config.json last: its presence marks a finished conversion (prepare.py skips a folder that has it).
-    save_hf(model, out_dir, {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"]})
-    return out_dir

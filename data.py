@@ -7,15 +7,9 @@ about a third of PersianQA and a quarter of our bundled sample). After loading, 
 
     {"id": "pqs-0001", "title": "...", "context": "...", "question": "...", "answers": ["span", ...]}
 
-with `answers == []` for an unanswerable question. Files come in two shapes and we accept both:
-
-  flat, one row per JSON object (JSONL, or a JSON list), as on the Hugging Face Hub:
-    {"id", "title", "context", "question", "answers": {"text": [...], "answer_start": [...]}}
-    (`answers` may also be a list of {"text", "answer_start"} dicts, or the plain list of spans that
-    load_qa_rows itself returns, so rows it wrote back to JSONL load again)
-  nested SQuAD v2 JSON, as the PersianQA authors ship pqa_train.json / pqa_test.json:
-    {"data": [{"title", "paragraphs": [{"context", "qas": [{"id", "question", "is_impossible",
-                                                          "answers": [{"text", "answer_start"}]}]}]}]}
+with `answers == []` for an unanswerable question. Files come in two shapes (EXPECTED_SHAPE) and we accept
+both: flat rows, one JSON object each (JSONL or a JSON list), as on the Hugging Face Hub, and the nested
+SQuAD v2 JSON (data -> paragraphs -> qas, with is_impossible) the PersianQA authors ship as pqa_train.json.
 
 Real data sets carry a few broken rows (an empty question, an answer that is not in its context).
 We skip those rather than crash, count them by reason, and say so in one printed line.
@@ -32,11 +26,9 @@ from collections import Counter
 # and evaluate.py maps it back to the empty prediction before scoring.
 NO_ANSWER = "پاسخ در متن نیست"
 
-EXPECTED_SHAPE = (
-    "expected JSONL or a JSON list of rows like "
-    '{"id", "title", "context", "question", "answers": {"text": [...], "answer_start": [...]}}, '
-    'or SQuAD v2 JSON {"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}'
-)
+EXPECTED_SHAPE = ('expected JSONL or a JSON list of rows like {"id", "title", "context", "question", "answers": '
+                  '{"text": [...], "answer_start": [...]}}, '
+                  'or SQuAD v2 JSON {"data": [{"title", "paragraphs": [{"context", "qas": [...]}]}]}')
 
 
 def _flatten_squad(data):
@@ -57,10 +49,9 @@ def _read_raw(text):
     except json.JSONDecodeError:
         whole = None
     if isinstance(whole, dict) and isinstance(whole.get("data"), list):
-        data = whole["data"]
-        if all(isinstance(a, dict) and "paragraphs" in a for a in data):
-            return list(_flatten_squad(data)), []
-        return data, []  # {"data": [flat rows]}, as some exporters write it
+        whole = whole["data"]  # SQuAD articles, or {"data": [flat rows]} as some exporters write it
+        if all(isinstance(a, dict) and "paragraphs" in a for a in whole):
+            return list(_flatten_squad(whole)), []
     if isinstance(whole, list):
         return whole, []
     rows, bad_lines = [], []
@@ -75,16 +66,16 @@ def _read_raw(text):
 
 
 def _answer_pairs(answers):
-    """Any accepted answers field -> list of (text, answer_start); None if the shape is wrong."""
+    """Any accepted answers field -> list of (text, answer_start); None if the shape is wrong. Accepted: the Hub's
+    {"text": [...], "answer_start": [...]}, SQuAD's list of {"text", "answer_start"}, and a plain list of spans."""
     if isinstance(answers, dict):
         texts, starts = answers.get("text"), answers.get("answer_start")
-        if not isinstance(texts, list) or not isinstance(starts, list) or len(texts) != len(starts):
-            return None
-        return list(zip(texts, starts))
+        parallel = isinstance(texts, list) and isinstance(starts, list) and len(texts) == len(starts)
+        return list(zip(texts, starts)) if parallel else None
     if isinstance(answers, list) and all(isinstance(a, dict) for a in answers):
         return [(a.get("text"), a.get("answer_start")) for a in answers]
     if isinstance(answers, list) and all(isinstance(a, str) for a in answers):
-        return [(a, None) for a in answers]  # our own output shape: spans without offsets
+        return [(a, None) for a in answers]  # what load_qa_rows returns: rows it wrote to JSONL load again
     return None
 
 
@@ -121,32 +112,23 @@ def _check_row(raw, index):
 
 
 def load_qa_rows(path):
-    """Read QA rows from `path` (flat JSONL/JSON or nested SQuAD v2 JSON). Returns (rows, n_skipped).
-
-    Malformed rows are skipped; when any are, one line says how many, why, and from which file.
-    """
+    """Read QA rows from `path` (flat JSONL/JSON or nested SQuAD v2 JSON). Returns (rows, n_skipped)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no QA data file at {path!r}: {EXPECTED_SHAPE}. "
                                 f"The bundled sample is data/persian_qa_sample.jsonl.")
     with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
         raw_rows, bad_lines = _read_raw(f.read())
 
-    rows, reasons = [], Counter()
-    for index, raw in enumerate(raw_rows):
-        row, reason = _check_row(raw, index)
-        if row is None:
-            reasons[reason] += 1
-        else:
-            rows.append(row)
-
+    checked = [_check_row(raw, index) for index, raw in enumerate(raw_rows)]  # (row, None) or (None, reason)
+    rows = [row for row, _ in checked if row is not None]
+    reasons = Counter(reason for row, reason in checked if row is None)
     n_skipped = sum(reasons.values()) + len(bad_lines)
     if n_skipped:
         parts = [f"{n} {reason}" for reason, n in reasons.most_common()]
         if bad_lines:
             shown = ", ".join(str(n) for n in bad_lines[:5]) + (", ..." if len(bad_lines) > 5 else "")
             parts.append(f"{len(bad_lines)} bad JSON on line{'s' if len(bad_lines) > 1 else ''} {shown}")
-        total = len(raw_rows) + len(bad_lines)
-        print(f"{path}: skipped {n_skipped} of {total} rows ({', '.join(parts)})")
+        print(f"{path}: skipped {n_skipped} of {len(raw_rows) + len(bad_lines)} rows ({', '.join(parts)})")
     if not rows:
         raise ValueError(f"{path}: no usable QA rows; {EXPECTED_SHAPE}")
     return rows, n_skipped
@@ -201,8 +183,14 @@ def completion_text(tok, messages, answer):
     return full[len(prompt):]
 
 
-# A window shorter than this is no longer a reading exercise: rows that cannot give their passage at least this
-# many tokens (or the whole answer span, if that is longer) are dropped rather than trained on.
+def _encode(tok, row, passage):
+    """The row's question about `passage` (its context, or a window of it) -> (prompt ids, answer ids)."""
+    messages = qa_messages(passage, row["question"])
+    answer = row["answers"][0] if row["answers"] else NO_ANSWER
+    return tok.encode_chat(messages), tok.encode(completion_text(tok, messages, answer))
+
+
+# A window shorter than this is no longer a reading exercise: fit_passage drops rows that cannot have it.
 MIN_PASSAGE_TOKENS = 32
 
 
@@ -212,8 +200,7 @@ def first_guess(tok, context, budget):
 
 
 def shrink_to_fit(tok, question, frame, budget, n_chars, cut, tries=None):
-    """
-    The windowing under both kinds of window (training_window here, answer.py's reading_windows): the first piece
+    """The windowing under both kinds of window (training_window here, answer.py's reading_windows): the first piece
     cut(n_chars), about n_chars characters long, whose passage takes at most `budget` tokens of the prompt (frame:
     prompt_frame's tokens around it). n_chars starts at first_guess; characters per token vary along a text, so a
     piece taking n > budget tokens is cut again n_chars * budget // n - 1 long. None when cut gives None or after
@@ -231,37 +218,33 @@ def shrink_to_fit(tok, question, frame, budget, n_chars, cut, tries=None):
 
 
 def training_window(context, n_chars, rng, span=None):
-    """
-    A piece of `context` at most n_chars long, cut at spaces. With span=(start, end) the piece contains
+    """A piece of `context` at most n_chars long, cut at spaces. With span=(start, end) the piece contains
     context[start:end] whole; None if it cannot. The piece is placed at random (rng) among the positions
     that keep the span: a window always centred on the answer would teach the model that answers sit in the
     middle of what it reads, and at evaluation they sit anywhere.
     """
     if n_chars >= len(context):
         return context
-    a, b = span if span else (None, None)
-    lo, hi = 0, len(context) - n_chars             # where the window may start
-    if span:
-        lo, hi = max(lo, b - n_chars), min(hi, a)  # ... and still hold [a, b)
-        if lo > hi:
-            return None
+    a, b = span or (len(context), 0)                              # no span: nothing to keep
+    lo, hi = max(0, b - n_chars), min(len(context) - n_chars, a)  # where the window may start and hold [a, b)
+    if lo > hi:
+        return None
     s = rng.randint(lo, hi)
     e = s + n_chars
-    # move both cuts inward to the nearest space, never into the span: no half words at the edges
+    # move both cuts inward to the nearest space, never into the span (nor past each other): no half words
     if s > 0 and not context[s - 1].isspace():
         nxt = context.find(" ", s)
-        if nxt != -1 and nxt < (a if span else e):
+        if nxt != -1 and nxt < min(a, e):
             s = nxt + 1
     if e < len(context) and not context[e].isspace():
         prv = context.rfind(" ", s, e)
-        if prv >= (b if span else s + 1):
+        if prv >= max(b, s + 1):
             e = prv
     return context[s:e].strip()
 
 
 def fit_passage(tok, row, max_len, seed=0):
-    """
-    The passage text to train on so that prompt + answer fit in max_len + 1 tokens (inputs and targets are the
+    """The passage text to train on so that prompt + answer fit in max_len + 1 tokens (inputs and targets are the
     same sequence shifted by one). Returns (text, how, need):
       how = "whole"     the passage fits as it is
             "windowed"  a window of it fits, and it holds the gold span (the answer stays in what the model reads)
@@ -271,53 +254,41 @@ def fit_passage(tok, row, max_len, seed=0):
     target: the model would then learn to write answers that are not in what it reads, i.e. to invent them.
     """
     context, question = row["context"], row["question"]
-    answer = row["answers"][0] if row["answers"] else NO_ANSWER
-    n_answer = len(tok.encode(completion_text(tok, qa_messages(context, question), answer)))
-    if len(tok.encode_chat(qa_messages(context, question))) + n_answer <= max_len + 1:
+    prompt, completion = _encode(tok, row, context)
+    if len(prompt) + len(completion) <= max_len + 1:
         return context, "whole", None
-    frame = prompt_frame(tok, question)
-    span = None
-    if row["answers"]:
-        a = context.find(answer)
-        span = (a, a + len(answer))
+    frame, n_answer = prompt_frame(tok, question), len(completion)
+    answer = row["answers"][0] if row["answers"] else NO_ANSWER
+    start = context.find(answer)
+    span = (start, start + len(answer)) if row["answers"] else None  # unanswerable: the window may go anywhere
     need_passage = max(MIN_PASSAGE_TOKENS, len(tok.encode(answer)) if span else 0)
     need = frame + need_passage + n_answer - 1
-    budget = max_len + 1 - frame - n_answer  # tokens the passage may take
-    if budget < need_passage:
+    if max_len < need:
         return None, "dropped", need
+    budget = max_len + 1 - frame - n_answer  # tokens the passage may take, at least need_passage
     rng = random.Random(f"{seed}:{row['id']}")  # each row its own window, the same in every run
     window = shrink_to_fit(tok, question, frame, budget, first_guess(tok, context, budget),
                            lambda n: training_window(context, n, rng, span), tries=8)
     return (None, "dropped", need) if window is None else (window, "windowed", need)
 
 
-def _encode_fitted(tok, row, text):
-    messages = qa_messages(text, row["question"])
-    answer = row["answers"][0] if row["answers"] else NO_ANSWER
-    return tok.encode_chat(messages), tok.encode(completion_text(tok, messages, answer))
-
-
 def encode_example(tok, row, max_len, seed=0):
     """One row -> (prompt ids, answer ids), together at most max_len + 1 tokens; None if it cannot fit."""
     text, _, _ = fit_passage(tok, row, max_len, seed)
-    return None if text is None else _encode_fitted(tok, row, text)
+    return None if text is None else _encode(tok, row, text)
 
 
 def encode_rows(tok, rows, max_len, seed=0, name="examples"):
     """Encode every row, windowing long passages (fit_passage), and say in one line what was windowed or dropped.
     Raises ValueError when rows were given but none fits, naming the length the shortest one needs."""
-    out, counts, needs = [], Counter(), []
-    for row in rows:
-        text, how, need = fit_passage(tok, row, max_len, seed)
-        counts[how] += 1
-        if text is None:
-            needs.append(need)
-        else:
-            out.append(_encode_fitted(tok, row, text))
+    fitted = [fit_passage(tok, row, max_len, seed) for row in rows]            # (text, how, need) per row
+    out = [_encode(tok, row, text) for row, (text, _, _) in zip(rows, fitted) if text is not None]
     if rows and not out:
-        raise ValueError(f"no {name} fit max_seq_len={max_len}: the shortest needs {min(needs)} tokens (chat "
+        need = min(need for _, _, need in fitted)                                  # every row was dropped
+        raise ValueError(f"no {name} fit max_seq_len={max_len}: the shortest needs {need} tokens (chat "
                          f"template, question, answer and at least {MIN_PASSAGE_TOKENS} tokens of passage); "
-                         f"raise max_seq_len to at least {min(needs)}")
+                         f"raise max_seq_len to at least {need}")
+    counts = Counter(how for _, how, _ in fitted)
     if counts["windowed"] or counts["dropped"]:
         print(f"{name}: {len(rows)} rows, {counts['whole']} whole, {counts['windowed']} with the passage windowed to fit "
               f"max_seq_len={max_len} (the answer kept in), {counts['dropped']} dropped (too long even so)")
@@ -325,8 +296,7 @@ def encode_rows(tok, rows, max_len, seed=0, name="examples"):
 
 
 def make_batches(examples, batch_size, seed, epoch, drop_last=False):
-    """
-    Index batches for one epoch. Sequences of similar length go together so little compute is spent on padding:
+    """Index batches for one epoch. Sequences of similar length go together so little compute is spent on padding:
     shuffle, cut into chunks of 50 batches, sort each chunk by length, slice into batches, shuffle the batches.
     Seeded by (seed, epoch): a resumed run rebuilds exactly the same order.
     drop_last: leave out the one shorter batch (len(examples) % batch_size rows). Under torchrun each process takes

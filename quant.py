@@ -10,9 +10,8 @@ QLoRA fine-tunes a model whose frozen weights are stored in 4 bits but multiplie
    themselves to 8 bits (in blocks of 256, with one fp32 scale each) cuts this to about 0.127 bits.
 3. Compute in 16 bits: a matmul never sees the 4-bit codes. The weight is rebuilt (dequantized) in bf16 right
    before the matmul, in the forward pass and again in the backward pass, and thrown away after each.
-   Decoding (a few rows of x, no gradient) never builds the whole W on a GPU: kernels.py's fused kernel rebuilds
-   one tile at a time in registers and multiplies it at once (`kernels.py: matvec_nf4`), because decoding time is
-   the time it takes to move the weight's bytes, and a 16-bit W written out and read back is 8x the 4-bit bytes.
+   Decoding (a few rows of x, no gradient) on a GPU does not even build W: `kernels.py: matvec_nf4` rebuilds it
+   tile by tile in registers, as a 16-bit W written out and read back moves 8x the bytes of the 4-bit one.
 
 Everything here is byte-compatible with bitsandbytes (what `*-bnb-4bit` checkpoints on the Hub contain), so a
 layer can be loaded from, and saved to, its state dict format. bitsandbytes itself is used only by the tests.
@@ -50,14 +49,12 @@ def dynamic_map_8bit():
     for i in range(7):
         edges = torch.linspace(0.1, 1.0, 2**i + 1, dtype=torch.float32)  # (2^i + 1,)
         mids = (edges[:-1] + edges[1:]) / 2.0                           # (2^i,) the levels of this decade
-        levels += ((10.0 ** (i - 6)) * mids).tolist()
-        levels += (-(10.0 ** (i - 6)) * mids).tolist()
+        levels += ((10.0 ** (i - 6)) * torch.cat([mids, -mids])).tolist()  # both signs
     return torch.tensor(sorted(levels), dtype=torch.float32)           # (256,)
 
 
 # -----------------------------------------------------------------------------
 # Quantization
-
 
 @dataclass
 class QuantState:
@@ -83,14 +80,11 @@ class QuantState:
 
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the block sizes bitsandbytes accepts
-CHUNK = 2**18  # weights quantized at a time: a whole number of blocks for every blocksize
 
 
 def _absmax_quantize(x, table, blocksize):
-    """Blockwise absmax quantization of a flat fp32 tensor to indices of a sorted table (used twice below).
-
-    Returns the codes, padded with zeros to whole blocks, and the fp32 absmax of each block.
-    """
+    """Blockwise absmax quantization of a flat fp32 tensor to indices of a sorted table (used twice below):
+    the codes, padded with zeros to whole blocks, and the fp32 absmax of each block."""
     blocks = F.pad(x, (0, -x.numel() % blocksize)).view(-1, blocksize)     # (n_blocks, blocksize), pad = 0.0
     absmax = blocks.abs().amax(dim=1)                                      # (n_blocks,)
     # multiply by the reciprocal (as bitsandbytes does); an all-zero block would give 0 * inf, hence the clamp
@@ -115,8 +109,8 @@ def quantize_nf4(weight, blocksize=64, double_quant=True):
     packed = torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=device)
     # Work in chunks so the fp32 temporaries stay small even for a 4096 x 11008 weight.
-    for start in range(0, n, CHUNK):
-        x = flat[start:start + CHUNK].float()                              # (L,)
+    for start in range(0, n, kernels.CHUNK):
+        x = flat[start:start + kernels.CHUNK].float()                      # (L,)
         codes, chunk_absmax = _absmax_quantize(x, table, blocksize)        # (L padded to blocks,), (L / blocksize,)
         codes = codes[:x.numel() + x.numel() % 2]                          # odd count: keep one padding nibble (7)
         # two nibbles per byte, the FIRST value in the HIGH nibble
@@ -151,15 +145,11 @@ def bits_per_param(packed, state):
 # compute the same bits in the same order:
 #   absmax = nested_code[q] * nested_absmax + offset   (fp32; just absmax without double quant)
 #   w      = NF4[nibble] * absmax                       (fp32), then one rounding to the output dtype
-# (For decoding, kernels.py's matvec_nf4 multiplies a few rows of x by W the same way, without writing W out.)
-
 
 def dequantize_nf4(packed, state, dtype=None, backend=None):
     """Rebuild the weight (state.shape) in `dtype` (default: the dtype it was quantized from).
-
     backend: "triton" (the kernel; on CPU only under TRITON_INTERPRET=1), "torch", or None for triton when the
-    tensor is on CUDA and triton is installed, torch otherwise. Both give the same bits.
-    """
+    tensor is on CUDA and triton is installed, torch otherwise. Both give the same bits."""
     dtype = dtype or state.dtype
     if dtype not in kernels.DTYPES:
         raise TypeError(f"can dequantize to float32/bfloat16/float16 only, got {dtype}")
@@ -172,7 +162,6 @@ def dequantize_nf4(packed, state, dtype=None, backend=None):
 
 # -----------------------------------------------------------------------------
 # bitsandbytes serialization: tensors next to "weight", plus the small fields as JSON bytes in a uint8 tensor
-
 
 def _state_to_bnb(state):
     fields = {"quant_type": "nf4", "blocksize": state.blocksize, "dtype": str(state.dtype).removeprefix("torch."),
@@ -214,14 +203,11 @@ def _state_from_bnb(tensors):
 # -----------------------------------------------------------------------------
 # The 4-bit linear layer
 
-
 class _NF4Linear(torch.autograd.Function):
-    """y = x @ W.T + b, with W rebuilt from 4 bits in forward and rebuilt AGAIN in backward. With gradient
-    checkpointing the forward runs twice (once more while backward recomputes the layer): three rebuilds in all.
-
-    Only the packed bytes are saved for backward, never the 16-bit W: keeping W alive between the two passes
-    would cost about 4x the 4-bit storage itself, 1.35x what quantizing saved (16 bits against 16 - 4.127).
-    """
+    """y = x @ W.T + b, with W rebuilt from 4 bits in forward and rebuilt AGAIN in backward (three rebuilds in all
+    with gradient checkpointing, whose backward runs the forward once more). Only the packed bytes are saved for
+    backward, never the 16-bit W: keeping W alive between the two passes would cost about 4x the 4-bit storage
+    itself, 1.35x what quantizing saved (16 bits against 16 - 4.127)."""
 
     @staticmethod
     def forward(ctx, x, packed, state, bias):
@@ -261,8 +247,7 @@ class Linear4bit(nn.Module):
     """A frozen nn.Linear stored as NF4: packed weight + QuantState, computed in `compute_dtype`.
 
     `Linear4bit(in, out)` is an all-zero layer to load a state dict into; the from_* classmethods build real ones.
-    The state dict uses bitsandbytes' keys: weight, weight.absmax, weight.quant_map, weight.nested_absmax,
-    weight.nested_quant_map, weight.quant_state.bitsandbytes__nf4 (and bias).
+    The state dict uses bitsandbytes' keys (_state_to_bnb): weight, weight.absmax, weight.quant_map, ..., bias.
     """
 
     def __init__(self, in_features, out_features, bias=True, compute_dtype=torch.bfloat16, device=None):
@@ -348,12 +333,9 @@ class Linear4bit(nn.Module):
 
 # -----------------------------------------------------------------------------
 
-
 def quantize_model(model, compute_dtype=torch.bfloat16, blocksize=64, double_quant=True, skip=("lm_head",)):
     """Replace every nn.Linear in `model` (except those whose name ends in `skip`) by a Linear4bit, in place.
-
-    Layers are swapped one at a time, so each dense weight can be freed before the next one is quantized.
-    """
+    Layers are swapped one at a time, so each dense weight can be freed before the next one is quantized."""
     if isinstance(model, nn.Linear):
         raise TypeError("quantize_model swaps the children of a module; for a bare nn.Linear use Linear4bit.from_linear")
     names = [name for name, m in model.named_modules()
