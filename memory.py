@@ -14,12 +14,11 @@ which lesson 12 measures on our block; memory_estimate adds up all five, as trai
 The measurement differs by device. On a GPU, torch counts what its tensors hold (max_memory_allocated): the
 estimate's own terms, without the CUDA context. On a CPU only the whole process can be measured (its peak resident
 set), so the estimate there starts with what the process holds before it loads anything, and glibc's malloc must be
-kept from holding on to freed activations (give_back_freed_memory), or the peak grows with every step.
-
-Last, the two settings every command resolves first: the device the bytes live on (check_device) and the number
-format they are in (resolve_dtype: dtype="auto" is bf16 where the device computes it natively, else fp32).
+kept from holding on to freed activations (give_back_freed_memory, trim_freed_memory), or the peak grows with
+every step.
 """
 
+import ctypes
 import os
 import resource
 
@@ -101,13 +100,22 @@ def give_back_freed_memory():
     block of 1 MiB or more is mapped fresh, page by page. glibc's own MALLOC_MMAP_THRESHOLD_ in the environment
     (bytes) is the user's choice of that trade and is kept (README: "Time against memory").
     """
-    import ctypes
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return
     try:
         ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # -3: M_MMAP_THRESHOLD
     except (OSError, AttributeError):
         pass  # not glibc (macOS, musl): nothing to set
+
+
+def trim_freed_memory():
+    """After each training step on a CPU: return the heap's free pages (glibc's malloc_trim). Blocks under the mmap
+    threshold come from the heap, and batches of different lengths leave holes that later ones do not fill: without
+    it the quickstart's resident memory between steps crept from 0.9 to 1.8 GiB over its 36 steps (bf16)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to trim
 
 
 # -- the device and the number format: where the run's bytes live, and how many each value takes ----------------

@@ -74,7 +74,7 @@ import data  # noqa: E402
 from checkpoint import load_model, read_checkpoint, restore_rng, save_checkpoint  # noqa: E402
 from lora import apply_lora, trainable_report  # noqa: E402
 from memory import (check_device, give_back_freed_memory, gib, memory_estimate, peak_memory,  # noqa: E402
-                    resident_memory, resolve_dtype)
+                    resident_memory, resolve_dtype, trim_freed_memory)
 from optim import PagedAdamW  # noqa: E402
 from report import global_val_loss, judge_base_model, plot_losses, validate_then_test, write_report  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
@@ -346,7 +346,10 @@ def main(argv=None):
             if not math.isfinite(step_loss) and scaler is None:  # fp16 overflow is the scaler's to handle
                 fail(f"loss is {step_loss} at step {it}. Stopped; the last good checkpoint is kept in "
                      f"{cfg['out_dir']}. Try a lower learning_rate (now {cfg['learning_rate']}) or grad_clip=1.0")
-            if not optimizer_step(opt, params, cfg["grad_clip"], scaler):
+            stepped = optimizer_step(opt, params, cfg["grad_clip"], scaler)
+            if not device.startswith("cuda"):
+                trim_freed_memory()  # what the step freed leaves the process (memory.py)
+            if not stepped:
                 history["skipped"] = history.get("skipped", 0) + 1
                 if master:
                     bar.write(f"step {it + 1}: a gradient is inf or NaN, update skipped"
