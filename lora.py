@@ -124,7 +124,8 @@ class LoRALinear(nn.Module):
         return y.view(*shape, y.shape[-1])                            # (..., out)
 
     def delta_weight(self):
-        """scaling * B A, the (out, in) update: built only for merging, in the dtype of A and B."""
+        """scaling * B A, the (out, in) update, in the dtype of A and B: for looking at it (its rank, its norm); the forward
+        pass never builds it, and merging adds it in fp32 (merge_weight)."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling  # (out, r) @ (r, in) -> (out, in)
 
     @torch.no_grad()
