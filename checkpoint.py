@@ -19,6 +19,7 @@ from convert import BUNDLED_DIR, atomic_write, write_json
 from lora import load_adapter, read_adapter_config, save_adapter
 from model import Llama
 
+
 def find_base(init_from, adapter):
     """The checkpoint folder to load: init_from, else the base the adapter names (its base_model_name_or_path),
     else the bundled SmolLM2. Raises FileNotFoundError / ValueError with what to do."""
