@@ -2,7 +2,7 @@
 How fast evaluate.py reads questions, with and without its two speed levers, on the same model and questions:
 
   passages read once   the questions on one passage share its prompt prefix (system prompt + passage); it is read
-                       once per batch and its keys rotated into every question's row (answer.prefill_shared)
+                       once per batch and its keys rotated into every question's row (prefix_cache.prefill_shared)
   first line only      a row stops at the end of its first non-empty line (only that line is scored) and then
                        leaves the batch, so what a rambling model writes after it costs no decoding steps
 

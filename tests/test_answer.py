@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from answer import _no_answer_ids, _shift_keys, abstain_above, first_line, prefill_shared, read_passages, reading_windows
+from answer import _no_answer_ids, abstain_above, first_line, read_passages, reading_windows
+from prefix_cache import prefill_shared, shift_keys
 from evaluate import score
 from report import choose_threshold
 
@@ -110,7 +111,7 @@ def test_batched_reading_equals_one_at_a_time(bundled_dir, tok):
 
 
 def test_shared_prefill_equals_plain_prefill(bundled_dir, tok):
-    """Reading a passage once for all its questions (answer.prefill_shared: keys moved by rotation) gives the
+    """Reading a passage once for all its questions (prefix_cache.prefill_shared: keys moved by rotation) gives the
     logits, and leaves the cache, that one left-padded pass over the whole prompts gives."""
     import data
     from model import Llama, left_pad
@@ -134,5 +135,5 @@ def test_shared_prefill_equals_plain_prefill(bundled_dir, tok):
     diff = (shared_k - plain_k)[:, :, :T].abs()                       # (B, n_kv_heads, T, head_dim)
     assert diff[real[:, None, :, None].expand_as(diff)].max() < 1e-3
     # the groups' prefixes really were shared: a wrong rotation moves the keys by far more than the bound
-    wrong = _shift_keys(plain_k, torch.ones(len(prompts), dtype=torch.long), model.rope_cos, model.rope_sin)
+    wrong = shift_keys(plain_k, torch.ones(len(prompts), dtype=torch.long), model.rope_cos, model.rope_sin)
     assert (wrong - plain_k).abs().max() > 0.1
