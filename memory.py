@@ -1,15 +1,11 @@
 """
 Where the memory of a fine-tune goes, estimated before the run and measured during it (lesson 12).
 
-A LoRA run holds five kinds of bytes on its training device:
-  weights      the frozen base model: 2 bytes per number in bf16, about half a byte in NF4 (plus its scales)
-  adapters     the trainable LoRA matrices A and B, kept in fp32: 4 bytes per trainable number ("lora" below)
-  gradients    one fp32 gradient per trainable number: 4 more bytes (the frozen weights have none)
-  optimizer    Adam's two fp32 moments: 8 bytes per trainable number (paged AdamW keeps them in CPU memory)
-  activations  what the forward pass keeps for the backward one; it grows with batch_size * max_seq_len and,
-               for a small adapter on a large batch, is the biggest of the five
-The first four follow from counting parameters. The fifth follows from what one transformer block keeps per token,
-which lesson 12 measures on our block; memory_estimate adds up all five, as train.py prints at the start of a run.
+A LoRA run holds the frozen weights, the trainable adapters with their gradients and Adam's two moments, and the
+activations the forward pass keeps for the backward one. The first four follow from counting parameters; the
+activations follow from what one transformer block keeps per token, which lesson 12 measures on our block, and for
+a small adapter on a large batch they are the biggest part. memory_estimate adds up every part, as train.py
+prints at the start of a run.
 
 The measurement differs by device. On a GPU, torch counts what its tensors hold (max_memory_allocated): the
 estimate's own terms, without the CUDA context. On a CPU only the whole process can be measured (its peak resident
@@ -30,22 +26,19 @@ from lora import lora_layers
 def memory_estimate(model, n_trainable, cfg, act_bytes, resident=0):
     """
     Bytes the run needs on the training device, from the transformer math of the notes:
-      process      on a CPU, what the process holds before it loads anything (resident: its RSS then): Python and
-                   torch's libraries. Measured, because no rule predicts it; on a GPU the measurement is allocated
-                   memory, which holds none of it.
+      process      on a CPU, the process's resident memory before it loads anything (Python, torch's libraries):
+                   measured, as no rule predicts it (a GPU's allocated memory holds none of it)
       weights      what the model holds (a 4-bit weight counts its packed bytes and its scales)
       lora         trainable parameters, fp32: 4 bytes each; their gradients another 4
       optimizer    Adam keeps two fp32 moments: 8 bytes per trainable parameter (paged: in CPU memory instead)
-      activations  what one of our blocks keeps for backward, per token per unit of width, as lesson 12 measures it
-                   with LoRA on every linear layer: 44 bytes under autocast, 34 for bf16 weights without autocast
-                   (the rule of thumb's 34), 77 in fp32 (attention scores are not stored: SDPA recomputes them);
-                   gradient checkpointing keeps only each layer's input, plus one layer's full set while it is
-                   recomputed.
-      lora_inputs  copies of their input that LoRA layers keep, T * B * (sum of the LoRA layers' input widths) * bytes:
-                   under autocast (16-bit on a GPU) the frozen layer's input is shared, and only dropout makes a copy
-                   (16-bit, plus a 1-byte mask); without autocast A and B are fp32, so next to 16-bit weights (bf16
-                   on a CPU) every LoRA layer keeps an fp32 copy of its input, and with dropout a dropped fp32 copy
-                   (plus the mask, a 4-byte float on a CPU). One layer's share with checkpointing.
+      activations  what one of our blocks keeps for backward per token per unit of width, measured in lesson 12 with
+                   LoRA on every linear layer: 44 bytes under autocast, 34 for bf16 weights without it (the rule of
+                   thumb's), 77 in fp32 (SDPA recomputes attention scores); with gradient checkpointing, each layer's
+                   input plus one layer's full set while it is recomputed.
+      lora_inputs  copies of their input that LoRA layers keep, T * B * (sum of their input widths) * bytes, one
+                   layer's share with checkpointing. Under autocast (16-bit on a GPU) only dropout copies the input
+                   (16-bit, plus a 1-byte mask); without autocast A and B are fp32, so next to 16-bit weights (bf16 on
+                   a CPU) each keeps an fp32 copy, and dropout a dropped one (plus a 4-byte mask on a CPU).
     """
     a = model.args
     # Each storage once (a tied head is the embedding), trainable tensors excluded (they are the "lora" line).
@@ -129,9 +122,8 @@ def torch_dtype(name):
 
 
 def resolve_dtype(name, device):
-    """dtype="auto": bfloat16 where the device computes it natively, else float32. On a GPU that is Ampere or
-    newer; on a CPU it is AVX-512-BF16 (or AMX), where oneDNN multiplies bf16 matrices in hardware, about three
-    times an fp32 product; elsewhere a CPU emulates bf16 and it would be slower than fp32."""
+    """dtype="auto": bfloat16 where the device computes it natively (a GPU from Ampere on; a CPU with AVX-512-BF16 or
+    AMX, where oneDNN multiplies bf16 at about 3x fp32), else float32 (emulated bf16 is slower than fp32)."""
     if name != "auto":
         return torch_dtype(name)
     if str(device).startswith("cuda"):
