@@ -379,13 +379,33 @@ def atomic_write(path, write):
             os.remove(tmp)
 
 
-def write_json(path, obj, end="\n", **json_kwargs):
-    """obj as JSON text in UTF-8, through atomic_write; json_kwargs go to json.dumps (indent, sort_keys, ...).
-    `end` follows the text: a newline, except in tokenizer_config.json, which has always been written without."""
+def _finite(v):
+    """v with every nan or inf in it made None. JSON has no NaN: json.dumps would write one anyway, and strict readers
+    reject the file; a score over no questions (nan) is written as null instead."""
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def write_text(path, text):
+    """text into a UTF-8 file, through atomic_write."""
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, **json_kwargs) + end)
+            f.write(text)
     atomic_write(path, write)
+
+
+def write_json(path, obj, end="\n", **json_kwargs):
+    """obj as strict JSON (_finite); json_kwargs go to json.dumps (indent, sort_keys, ...). `end` follows the text:
+    a newline, except in tokenizer_config.json, which has always been written without."""
+    write_text(path, json.dumps(_finite(obj), **json_kwargs) + end)
+
+
+def write_jsonl(path, rows):
+    """rows as JSONL, one a line, strict (_finite), Persian as it is rather than in \\u escapes."""
+    write_text(path, "".join(json.dumps(_finite(row), ensure_ascii=False) + "\n" for row in rows))
 
 
 def save_hf(model, out_dir, extra_config=None):

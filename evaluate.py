@@ -9,15 +9,11 @@ Two numbers per question, both after normalising prediction and gold answers the
 With several gold answers a question takes the best score over them. An unanswerable question (no gold
 answers) scores 1 on both only if the prediction is empty: saying nothing is the right answer there.
 Averaged over a data set and written as percentages, these are the numbers papers report for PersianQA
-(e.g. XLM-RoBERTa-large F1 84.8 / EM 70.4).
-
-Persian text has many ways to write the same word: Arabic or Persian forms of ye and kaf, optional hamza
-and short-vowel marks, Persian, Arabic-Indic or Latin digits, and the zero-width non-joiner (ZWNJ, U+200C)
-inside words like «کتاب‌ها». Without normalisation a correct answer written differently would score 0,
-so normalize_answer folds all of these to one form before comparing.
+(e.g. XLM-RoBERTa-large F1 84.8 / EM 70.4). Persian writes one word in many ways (Arabic or Persian letter forms,
+optional marks, three sets of digits, the zero-width non-joiner inside words like «کتاب‌ها»), so normalize_answer
+folds them to one form first: a correct answer written differently would otherwise score 0.
 """
 
-import json
 import os
 import string
 import sys
@@ -188,23 +184,6 @@ def summary(s):
     return line
 
 
-def write_metrics(path, metrics):
-    """metrics.json as strict JSON: a score over no questions (nan) is written as null, not as NaN."""
-    import json
-    import math
-
-    def strict(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: strict(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [strict(x) for x in v]
-        return v
-    with open(path, "w") as f:
-        json.dump(strict(metrics), f, indent=2)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The command:
 #   python evaluate.py --adapter=out/quickstart --test_data=data/persian_qa_heldout.jsonl [--test_limit=N]
@@ -215,22 +194,19 @@ def main(argv=None):
     from configurator import configure
     from memory import check_device, resolve_dtype
     from checkpoint import load_model
+    from convert import write_json, write_jsonl
+    from stream import read_config
     from tokenizer import Tokenizer
 
     cfg = configure(settings, argv)
     check_device(cfg["device"])
-    trained = {}
-    for name in ("config.json", "metrics.json") if cfg["adapter"] else ():  # how it was trained, the threshold
-        path = os.path.join(cfg["adapter"], name)
-        if os.path.exists(path):
-            with open(path) as f:
-                trained[name] = json.load(f)
-    threshold = cfg["null_threshold"]
-    if threshold == "":
-        threshold = (trained.get("metrics.json") or {}).get("null_threshold") or 0.0
+    # what train.py wrote beside the adapter: how it was trained (config.json), the threshold it chose (metrics.json)
+    trained, chosen = (read_config(cfg["adapter"]), read_config(cfg["adapter"], "metrics.json")) if cfg["adapter"] \
+        else ({}, {})
+    threshold = cfg["null_threshold"] if cfg["null_threshold"] != "" else chosen.get("null_threshold") or 0.0
     if not isinstance(threshold, (int, float)):
         sys.exit(f"error: null_threshold must be a number, got {threshold!r}")
-    max_len = cfg["max_seq_len"] or (trained.get("config.json") or {}).get("max_seq_len") or 1024
+    max_len = cfg["max_seq_len"] or trained.get("max_seq_len") or 1024
     try:
         rows, _ = data.load_qa_rows(cfg["test_data"])
         dtype = resolve_dtype(cfg["dtype"], cfg["device"])
@@ -253,18 +229,16 @@ def main(argv=None):
     s = score(preds, [r["answers"] for r in rows], [r["context"] for r in rows])
     baseline = score([""] * len(rows), [r["answers"] for r in rows])  # what answering nothing at all scores
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "predictions.jsonl"), "w", encoding="utf-8") as f:
-        for row, pred, c in zip(rows, preds, candidates):
-            f.write(json.dumps({"id": row["id"], "question": row["question"], "answers": row["answers"],
-                                "prediction": pred, "em": exact_match(pred, row["answers"]),
-                                "f1": f1_score(pred, row["answers"]),
-                                "found_in_passage": found_in_passage(pred, row["context"]),
-                                "best_answer": c["answer"], "null_diff": c["null_diff"],
-                                "window": c["window"], "windows": c["windows"]}, ensure_ascii=False) + "\n")
+    write_jsonl(os.path.join(out, "predictions.jsonl"), [
+        {"id": row["id"], "question": row["question"], "answers": row["answers"], "prediction": pred,
+         "em": exact_match(pred, row["answers"]), "f1": f1_score(pred, row["answers"]),
+         "found_in_passage": found_in_passage(pred, row["context"]), "best_answer": c["answer"],
+         "null_diff": c["null_diff"], "window": c["window"], "windows": c["windows"]}
+        for row, pred, c in zip(rows, preds, candidates)])
     metrics = {**s, "null_threshold": threshold, "always_no_answer": {"exact_match": baseline["exact_match"],
                "f1": baseline["f1"]}, "data": cfg["test_data"], "model": base, "adapter": cfg["adapter"],
                "max_seq_len": max_len, "seconds": round(time.time() - t0, 1)}
-    write_metrics(os.path.join(out, "metrics.json"), metrics)
+    write_json(os.path.join(out, "metrics.json"), metrics, indent=2)
     print(summary(s))
     print(f"always answering 'no answer' scores F1 {baseline['f1']:.1f} here. "
           f"Predictions and metrics in {out}/ ({time.time() - t0:.0f} s)")

@@ -16,7 +16,7 @@ templates and checks that the text is the one the model's own chat template writ
 
 import os
 
-from convert import atomic_write
+from convert import write_text
 from tokenizer import Tokenizer
 
 TEMPERATURE = 0.8  # sample.py's default (a test keeps the two equal): Ollama then samples as our chat does
@@ -64,9 +64,5 @@ def write_modelfile(gguf_path, folder):
     lines += [f'PARAMETER stop "{text_of(i)}"' for i in sorted(tok.stop_ids)]
     lines.append(f"PARAMETER temperature {TEMPERATURE}")
     path = gguf_path[:-len(".gguf")] + ".Modelfile"
-
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-    atomic_write(path, write)
+    write_text(path, "\n".join(lines) + "\n")
     return path, family

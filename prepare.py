@@ -7,7 +7,6 @@ Put on disk what a config needs: model weights and data. Safe to run again: fini
 """
 
 import importlib.util
-import json
 import os
 import sys
 
@@ -21,7 +20,7 @@ import torch  # noqa: E402
 
 from configurator import configure  # noqa: E402
 from convert import (BUNDLED_DIR, args_from_gguf, atomic_write, gguf_value, load_state_one_by_one,  # noqa: E402
-                     read_gguf, save_hf, write_json)
+                     read_gguf, save_hf, write_json, write_jsonl)
 
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PERSIAN_QA_REPO = "SajjadAyoubi/persian_qa"
@@ -133,9 +132,7 @@ def prepare_persian_qa(out_dir=os.path.join("data", "persian_qa")):
     files = {s: _find_split(raw, s) for s in ("train", "test")}
     for split, path in files.items():
         rows, _ = load_qa_rows(path)
-        with open(os.path.join(out_dir, f"{split}.jsonl"), "w", encoding="utf-8") as f:
-            for r in rows:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), rows)
         print(f"{out_dir}/{split}.jsonl: {len(rows)} questions")
     return out_dir
 

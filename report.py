@@ -13,7 +13,6 @@ split the work instead of waiting for rank 0 (NCCL's 10-minute timeout would kil
 evaluation).
 """
 
-import json
 import os
 
 import torch
@@ -21,7 +20,8 @@ import torch.distributed as dist
 
 import data
 from answer import abstain_above, read_passages
-from evaluate import f1_score, score, summary, write_metrics
+from convert import write_json, write_jsonl
+from evaluate import f1_score, score, summary
 from memory import gib, peak_memory
 
 
@@ -188,16 +188,15 @@ def write_report(cfg, history, test_rows, tuned, est):
     device, threshold = cfg["device"], history["after"]["null_threshold"] if history["after"] else 0.0
     if test_rows:
         report_test(test_rows, history.get("base_test"), tuned)
-        with open(os.path.join(cfg["out_dir"], "test_predictions.jsonl"), "w", encoding="utf-8") as f:
-            for row, pred, nd in zip(test_rows, tuned["predictions"], tuned["null_diffs"]):
-                f.write(json.dumps({"id": row["id"], "answers": row["answers"], "prediction": pred,
-                                    "null_diff": nd}, ensure_ascii=False) + "\n")
+        write_jsonl(os.path.join(cfg["out_dir"], "test_predictions.jsonl"),
+                    [{"id": row["id"], "answers": row["answers"], "prediction": pred, "null_diff": nd}
+                     for row, pred, nd in zip(test_rows, tuned["predictions"], tuned["null_diffs"])])
     metrics = {"before": history["before"], "after": history["after"], "test": tuned["score"] if test_rows else None,
                "base_test": (history.get("base_test") or {}).get("score"),
                "null_threshold": threshold, "val_loss": history["val"], "skipped_steps": history.get("skipped", 0),
                "train_loss_last": history["train"][-1][1] if history["train"] else None,
                "peak_memory_bytes": peak_memory(device), "estimated_memory_bytes": est["total"]}
-    write_metrics(os.path.join(cfg["out_dir"], "metrics.json"), metrics)
+    write_json(os.path.join(cfg["out_dir"], "metrics.json"), metrics, indent=2)
     where = "GPU allocated" if device.startswith("cuda") else "process RSS"
     print(f"peak memory: {gib(metrics['peak_memory_bytes'])} measured ({where}), {gib(est['total'])} estimated. "
           f"Adapter and metrics in {cfg['out_dir']}")

@@ -145,9 +145,10 @@ def model_weights(model):
 # adapter names it, or --init_from), its 16-bit weights are the ones merged: the originals the 4-bit ones
 # approximated.
 
-def read_config(folder):
-    """A folder's config.json as a dict, {} when it has none (Meta's layout, an adapter not written by train.py)."""
-    path = os.path.join(folder, "config.json")
+def read_config(folder, name="config.json"):
+    """A folder's config.json (or another JSON file: name) as a dict, {} when it has none (Meta's layout, an adapter
+    not written by train.py)."""
+    path = os.path.join(folder, name)
     if not os.path.exists(path):
         return {}
     with open(path) as f:

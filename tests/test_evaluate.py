@@ -198,10 +198,10 @@ def test_metrics_are_strict_json(tmp_path):
     """A score over no questions (nan) becomes null; strings that merely contain "NaN" stay as they are."""
     import json
 
-    from evaluate import write_metrics
+    from convert import write_json
     path = tmp_path / "metrics.json"
-    write_metrics(path, {"f1": float("nan"), "data": "NaNa.jsonl", "val_loss": [(0, float("inf")), (1, 0.5)],
-                         "test": {"invented": float("nan"), "n": 3}})
+    write_json(path, {"f1": float("nan"), "data": "NaNa.jsonl", "val_loss": [(0, float("inf")), (1, 0.5)],
+                      "test": {"invented": float("nan"), "n": 3}}, indent=2)
     text = path.read_text()
     assert "NaN" not in text.replace("NaNa", "") and "Infinity" not in text
     assert json.loads(text) == {"f1": None, "data": "NaNa.jsonl", "val_loss": [[0, None], [1, 0.5]],
