@@ -32,6 +32,7 @@ import torch
 
 import data
 from prefix_cache import prefill_shared
+from windows import first_guess, shrink_to_fit, window_from
 
 
 def reading_windows(tok, context, question, max_prompt_len, overlap=0.25):
@@ -49,11 +50,10 @@ def reading_windows(tok, context, question, max_prompt_len, overlap=0.25):
     if budget < data.MIN_PASSAGE_TOKENS:
         raise ValueError(f"a prompt of {max_prompt_len} tokens leaves {budget} for the passage after the template "
                          f"and this question ({frame} tokens); allow longer prompts (max_seq_len)")
-    n_chars = data.first_guess(tok, context, budget)  # once per passage: every window starts from it
-    windows, start = [], 0
+    n_chars = first_guess(tok, context, budget)  # once per passage: every window starts from it
+    tokens_of, windows, start = data.passage_tokens(tok, question, frame), [], 0
     while True:
-        piece = data.shrink_to_fit(tok, question, frame, budget, n_chars,
-                                   lambda size: _window_from(context, start, size))
+        piece = shrink_to_fit(tokens_of, budget, n_chars, lambda size: window_from(context, start, size))
         end = start + len(piece)
         windows.append(piece.strip())
         if end >= len(context):
@@ -61,15 +61,6 @@ def reading_windows(tok, context, question, max_prompt_len, overlap=0.25):
         nxt = end - int(overlap * (end - start))
         space = context.find(" ", nxt, end)  # start after a space: no half word at the front
         start = space + 1 if space != -1 else nxt
-
-
-def _window_from(context, start, size):
-    """context[start:start + size], ending at a space unless none is in its second half."""
-    end = min(start + size, len(context))
-    if end < len(context):
-        cut = context.rfind(" ", start + size // 2, end)
-        end = cut if cut != -1 else end
-    return context[start:end]
 
 
 def _no_answer_ids(tok):

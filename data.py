@@ -7,19 +7,18 @@ about a third of PersianQA and a quarter of our bundled sample). After loading, 
 
     {"id": "pqs-0001", "title": "...", "context": "...", "question": "...", "answers": ["span", ...]}
 
-with `answers == []` for an unanswerable question. Files come in two shapes (EXPECTED_SHAPE) and we accept
-both: flat rows, one JSON object each (JSONL or a JSON list), as on the Hugging Face Hub, and the nested
-SQuAD v2 JSON (data -> paragraphs -> qas, with is_impossible) the PersianQA authors ship as pqa_train.json.
-
-Real data sets carry a few broken rows (an empty question, an answer that is not in its context).
-We skip those rather than crash, count them by reason, and say so in one printed line.
+with `answers == []` for an unanswerable question. Files come in two shapes (EXPECTED_SHAPE), both accepted: flat
+rows (JSONL or a JSON list, as on the Hugging Face Hub) and the nested SQuAD v2 JSON (data -> paragraphs -> qas, with
+is_impossible) the PersianQA authors ship. Real data sets carry a few broken rows (an empty question, an answer that
+is not in its context): we skip those rather than crash, and say in one printed line how many and why.
 """
 
-import itertools
 import json
 import os
 import random
 from collections import Counter
+
+from windows import first_guess, shrink_to_fit, training_window
 
 # A generative model cannot "point at nothing" the way a span-extraction model does: it must write
 # something. For unanswerable questions we train it to write this phrase ("the answer is not in the text"),
@@ -135,12 +134,9 @@ def load_qa_rows(path):
 
 
 def split_rows(rows, val_fraction, seed):
-    """Split rows into (train, val) by CONTEXT: every question about one passage lands on the same side.
-
-    Splitting question by question would put passages the model has trained on into validation, and the
-    score would measure memory of the passage rather than reading. The split is a seeded shuffle of the
-    distinct contexts, so the same rows, fraction and seed always give the same split.
-    """
+    """Split rows into (train, val) by CONTEXT: every question about one passage lands on the same side. Splitting
+    question by question would put passages the model trained on into validation, and the score would measure memory
+    of the passage rather than reading. A seeded shuffle of the distinct contexts: the same input, the same split."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     contexts = list(dict.fromkeys(row["context"] for row in rows))  # distinct, in first-seen order
@@ -174,6 +170,12 @@ def prompt_frame(tok, question):
     return len(tok.encode_chat(qa_messages("", question)))
 
 
+def passage_tokens(tok, question, frame):
+    """piece -> the tokens it takes as the passage of a prompt with this question (frame: prompt_frame's), which is
+    what windows.py: shrink_to_fit measures a window by."""
+    return lambda piece: len(tok.encode_chat(qa_messages(piece, question))) - frame
+
+
 def completion_text(tok, messages, answer):
     """What the template writes after the prompt for this answer: e.g. 'answer<|im_end|>\\n' in ChatML."""
     prompt = tok.render_chat(messages, add_generation_prompt=True)
@@ -194,62 +196,11 @@ def _encode(tok, row, passage):
 MIN_PASSAGE_TOKENS = 32
 
 
-def first_guess(tok, context, budget):
-    """How many characters of `context` take about `budget` tokens: its own characters per token, a first guess."""
-    return len(context) * budget // len(tok.encode(context))
-
-
-def shrink_to_fit(tok, question, frame, budget, n_chars, cut, tries=None):
-    """The windowing under both kinds of window (training_window here, answer.py's reading_windows): the first piece
-    cut(n_chars), about n_chars characters long, whose passage takes at most `budget` tokens of the prompt (frame:
-    prompt_frame's tokens around it). n_chars starts at first_guess; characters per token vary along a text, so a
-    piece taking n > budget tokens is cut again n_chars * budget // n - 1 long. None when cut gives None or after
-    `tries` misses (None: no limit; every miss shrinks the piece, and an empty piece fits).
-    """
-    for _ in itertools.count() if tries is None else range(tries):
-        piece = cut(n_chars)
-        if piece is None:
-            return None
-        n = len(tok.encode_chat(qa_messages(piece, question))) - frame
-        if n <= budget:
-            return piece
-        n_chars = n_chars * budget // n - 1
-    return None
-
-
-def training_window(context, n_chars, rng, span=None):
-    """A piece of `context` at most n_chars long, cut at spaces. With span=(start, end) the piece contains
-    context[start:end] whole; None if it cannot. The piece is placed at random (rng) among the positions
-    that keep the span: a window always centred on the answer would teach the model that answers sit in the
-    middle of what it reads, and at evaluation they sit anywhere.
-    """
-    if n_chars >= len(context):
-        return context
-    a, b = span or (len(context), 0)                              # no span: nothing to keep
-    lo, hi = max(0, b - n_chars), min(len(context) - n_chars, a)  # where the window may start and hold [a, b)
-    if lo > hi:
-        return None
-    s = rng.randint(lo, hi)
-    e = s + n_chars
-    # move both cuts inward to the nearest space, never into the span (nor past each other): no half words
-    if s > 0 and not context[s - 1].isspace():
-        nxt = context.find(" ", s)
-        if nxt != -1 and nxt < min(a, e):
-            s = nxt + 1
-    if e < len(context) and not context[e].isspace():
-        prv = context.rfind(" ", s, e)
-        if prv >= max(b, s + 1):
-            e = prv
-    return context[s:e].strip()
-
-
 def fit_passage(tok, row, max_len, seed=0):
     """The passage text to train on so that prompt + answer fit in max_len + 1 tokens (inputs and targets are the
-    same sequence shifted by one). Returns (text, how, need):
-      how = "whole"     the passage fits as it is
-            "windowed"  a window of it fits, and it holds the gold span (the answer stays in what the model reads)
-            "dropped"   text is None: not even MIN_PASSAGE_TOKENS of passage (or the span) fit with question + answer
-      need = the fewest tokens this row can be trained in (max_len must be at least need).
+    same sequence shifted by one). Returns (text, how, need): how is "whole" (the passage fits as it is), "windowed"
+    (a window of it fits, and holds the gold span) or "dropped" (text None: not even MIN_PASSAGE_TOKENS of passage,
+    or the span, fit beside question and answer); need is the fewest tokens this row can be trained in.
     Cutting a long passage from its end, as a plain truncation would, can cut the answer away while it stays the
     target: the model would then learn to write answers that are not in what it reads, i.e. to invent them.
     """
@@ -267,7 +218,7 @@ def fit_passage(tok, row, max_len, seed=0):
         return None, "dropped", need
     budget = max_len + 1 - frame - n_answer  # tokens the passage may take, at least need_passage
     rng = random.Random(f"{seed}:{row['id']}")  # each row its own window, the same in every run
-    window = shrink_to_fit(tok, question, frame, budget, first_guess(tok, context, budget),
+    window = shrink_to_fit(passage_tokens(tok, question, frame), budget, first_guess(tok, context, budget),
                            lambda n: training_window(context, n, rng, span), tries=8)
     return (None, "dropped", need) if window is None else (window, "windowed", need)
 
@@ -298,10 +249,8 @@ def encode_rows(tok, rows, max_len, seed=0, name="examples"):
 def make_batches(examples, batch_size, seed, epoch, drop_last=False):
     """Index batches for one epoch. Sequences of similar length go together so little compute is spent on padding:
     shuffle, cut into chunks of 50 batches, sort each chunk by length, slice into batches, shuffle the batches.
-    Seeded by (seed, epoch): a resumed run rebuilds exactly the same order.
-    drop_last: leave out the one shorter batch (len(examples) % batch_size rows). Under torchrun each process takes
-    its slice of every batch, and a short batch would leave some process with nothing to train on.
-    """
+    Seeded by (seed, epoch): a resumed run rebuilds exactly the same order. drop_last: leave out the one shorter batch
+    (torchrun gives each process a slice of every batch, and a short one could leave a process with nothing)."""
     rng = random.Random(seed * 1000 + epoch)
     order = list(range(len(examples)))
     rng.shuffle(order)
