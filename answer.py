@@ -51,7 +51,8 @@ def reading_windows(tok, context, question, max_prompt_len, overlap=0.25):
         raise ValueError(f"a prompt of {max_prompt_len} tokens leaves {budget} for the passage after the template "
                          f"and this question ({frame} tokens); allow longer prompts (max_seq_len)")
     n_chars = first_guess(tok, context, budget)  # once per passage: every window starts from it
-    tokens_of, windows, start = data.passage_tokens(tok, question, frame), [], 0
+    tokens_of = data.passage_tokens(tok, question, frame)  # a window's tokens in this question's prompt
+    windows, start = [], 0
     while True:
         piece = shrink_to_fit(tokens_of, budget, n_chars, lambda size: window_from(context, start, size))
         end = start + len(piece)

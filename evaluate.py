@@ -200,9 +200,9 @@ def main(argv=None):
 
     cfg = configure(settings, argv)
     check_device(cfg["device"])
-    # what train.py wrote beside the adapter: how it was trained (config.json), the threshold it chose (metrics.json)
-    trained, chosen = (read_config(cfg["adapter"]), read_config(cfg["adapter"], "metrics.json")) if cfg["adapter"] \
-        else ({}, {})
+    adapter = cfg["adapter"]  # train.py wrote beside it how it was trained and the threshold it chose on validation
+    trained = read_config(adapter) if adapter else {}
+    chosen = read_config(adapter, "metrics.json") if adapter else {}
     threshold = cfg["null_threshold"] if cfg["null_threshold"] != "" else chosen.get("null_threshold") or 0.0
     if not isinstance(threshold, (int, float)):
         sys.exit(f"error: null_threshold must be a number, got {threshold!r}")
