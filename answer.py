@@ -126,8 +126,9 @@ def _read_batch(model, tok, prompts, groups, na_ids, first_word, max_new_tokens)
                 keep = going.nonzero()[:, 0]
                 live, pick = live[keep], pick[keep]
                 for layer in model.model.layers:
-                    a = layer.self_attn
-                    a.cache_k, a.cache_v, a.cache_pad = a.cache_k[keep], a.cache_v[keep], a.cache_pad[keep]
+                    attn = layer.self_attn
+                    attn.cache_k, attn.cache_v = attn.cache_k[keep], attn.cache_v[keep]
+                    attn.cache_pad = attn.cache_pad[keep]
             lp = model.last_logits(pick[:, None], start_pos=T + s).float().log_softmax(-1)
     finally:
         model.clear_cache()

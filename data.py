@@ -49,7 +49,7 @@ def _read_raw(text):
         whole = None
     if isinstance(whole, dict) and isinstance(whole.get("data"), list):
         whole = whole["data"]  # SQuAD articles, or {"data": [flat rows]} as some exporters write it
-        if all(isinstance(a, dict) and "paragraphs" in a for a in whole):
+        if all(isinstance(article, dict) and "paragraphs" in article for article in whole):
             return list(_flatten_squad(whole)), []
     if isinstance(whole, list):
         return whole, []

@@ -40,7 +40,7 @@ def memory_estimate(model, n_trainable, cfg, act_bytes, resident=0):
                    (16-bit, plus a 1-byte mask); without autocast A and B are fp32, so next to 16-bit weights (bf16 on
                    a CPU) each keeps an fp32 copy, and dropout a dropped one (plus a 4-byte mask on a CPU).
     """
-    a = model.args
+    args = model.args
     # Each storage once (a tied head is the embedding), trainable tensors excluded (they are the "lora" line).
     trainable = {p.untyped_storage().data_ptr() for p in model.parameters() if p.requires_grad}
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in model.state_dict().values()}
@@ -50,9 +50,9 @@ def memory_estimate(model, n_trainable, cfg, act_bytes, resident=0):
     autocast = on_gpu and act_bytes == 2                         # train.py's rule (train.py: mixed_precision)
     # Under autocast each RMSNorm keeps an fp32 copy of its input and autocast keeps its casts: 44, not 34.
     kept = 77 if act_bytes == 4 else (44 if autocast else 34)    # bytes per token per dim per layer (lesson 12)
-    per_layer = kept * tokens * a.dim
-    acts = (a.n_layers * tokens * a.dim * act_bytes + per_layer) if cfg["gradient_checkpointing"] \
-        else a.n_layers * per_layer
+    per_layer = kept * tokens * args.dim
+    acts = (args.n_layers * tokens * args.dim * act_bytes + per_layer) if cfg["gradient_checkpointing"] \
+        else args.n_layers * per_layer
     lora_in = sum(m.lora_A.in_features for _, m in lora_layers(model))  # all layers' LoRA input widths, summed
     mask = (1 if on_gpu else 4) if dropout else 0
     copy = (2 if dropout else 0) if autocast else (4 if dropout or act_bytes == 2 else 0)
@@ -60,7 +60,7 @@ def memory_estimate(model, n_trainable, cfg, act_bytes, resident=0):
     est = {"process": resident} if resident else {}
     est |= {"weights": weights, "lora": 4 * n_trainable, "gradients": 4 * n_trainable,
            "optimizer": 0 if cfg["optimizer"] == "paged_adamw" else 8 * n_trainable, "activations": acts,
-           "lora_inputs": lora_inputs / a.n_layers if cfg["gradient_checkpointing"] else lora_inputs}
+           "lora_inputs": lora_inputs / args.n_layers if cfg["gradient_checkpointing"] else lora_inputs}
     est["total"] = sum(est.values())
     return est
 

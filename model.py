@@ -246,10 +246,10 @@ class Llama(nn.Module):
         ref = self.model.embed_tokens.weight
         shape = (batch_size, self.args.n_kv_heads, max_len or self.args.max_seq_len, self.args.head_dim)
         for layer in self.model.layers:
-            a = layer.self_attn
-            a.cache_k = torch.zeros(shape, dtype=dtype or ref.dtype, device=device or ref.device)
-            a.cache_v = torch.zeros(shape, dtype=dtype or ref.dtype, device=device or ref.device)
-            a.cache_pad = None if n_pad is None else n_pad.to(device or ref.device)
+            attn = layer.self_attn
+            attn.cache_k = torch.zeros(shape, dtype=dtype or ref.dtype, device=device or ref.device)
+            attn.cache_v = torch.zeros(shape, dtype=dtype or ref.dtype, device=device or ref.device)
+            attn.cache_pad = None if n_pad is None else n_pad.to(device or ref.device)
 
     def grow_cache(self, length):
         """Make room for `length` positions in every layer's cache, keeping what it holds (a chat: the cache grows
@@ -260,11 +260,11 @@ class Llama(nn.Module):
             return
         new = min(max(length, 2 * have), self.args.max_seq_len)
         for layer in self.model.layers:
-            a = layer.self_attn
+            attn = layer.self_attn
             for name in ("cache_k", "cache_v"):
-                old = getattr(a, name)                                         # (B, n_kv_heads, have, head_dim)
+                old = getattr(attn, name)                                         # (B, n_kv_heads, have, head_dim)
                 room = old.new_zeros(old.shape[0], old.shape[1], new - have, old.shape[3])
-                setattr(a, name, torch.cat([old, room], dim=2))                # (B, n_kv_heads, new, head_dim)
+                setattr(attn, name, torch.cat([old, room], dim=2))                # (B, n_kv_heads, new, head_dim)
 
     def clear_cache(self):
         for layer in self.model.layers:

@@ -138,9 +138,9 @@ def report_test(rows, base, tuned, n_examples=4):
     for name, run in (("base model", base), ("fine-tuned", tuned)):
         if run is None:  # resumed from a run that did not answer them before training
             continue
-        s, a = run["score"], run["score"]["answering_all"]
-        print(f"  {name:<10}  {summary(s)}\n  {'':<10}  answering all: has-answer F1 {a['has_answer_f1']:.1f}, "
-              f"invented {a['invented']:.1f}%")
+        s, forced = run["score"], run["score"]["answering_all"]
+        print(f"  {name:<10}  {summary(s)}\n  {'':<10}  answering all: has-answer F1 {forced['has_answer_f1']:.1f}, "
+              f"invented {forced['invented']:.1f}%")
 
     def invented(s):
         return f"{s['invented']:.0f}%" if s["answered"] else "none"
