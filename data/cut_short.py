@@ -20,7 +20,6 @@ is longer). An unanswerable question goes to a piece chosen by a seeded draw amo
 question, so the questions of one piece can share its prompt prefix at evaluation (evaluate.py).
 """
 
-import json
 import os
 import random
 import re
@@ -29,6 +28,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import data  # noqa: E402
+from convert import write_jsonl  # noqa: E402
 
 MAX_CHARS = 260
 N_VAL_PASSAGES = 10
@@ -100,9 +100,7 @@ def cut(rows, rng, negatives):
 
 
 def write(rows, name):
-    with open(os.path.join(HERE, name), "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_jsonl(os.path.join(HERE, name), rows)
     n_na = sum(1 for r in rows if not r["answers"]["text"])
     sizes = sorted(len(c) for c in {r["context"] for r in rows})
     print(f"{name}: {len(rows)} questions on {len(sizes)} pieces ({sizes[0]} to {sizes[-1]} characters, median "
