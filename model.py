@@ -262,9 +262,9 @@ class Llama(nn.Module):
         for layer in self.model.layers:
             attn = layer.self_attn
             for name in ("cache_k", "cache_v"):
-                old = getattr(attn, name)                                         # (B, n_kv_heads, have, head_dim)
+                old = getattr(attn, name)                                      # (B, n_kv_heads, have, head_dim)
                 room = old.new_zeros(old.shape[0], old.shape[1], new - have, old.shape[3])
-                setattr(attn, name, torch.cat([old, room], dim=2))                # (B, n_kv_heads, new, head_dim)
+                setattr(attn, name, torch.cat([old, room], dim=2))             # (B, n_kv_heads, new, head_dim)
 
     def clear_cache(self):
         for layer in self.model.layers:

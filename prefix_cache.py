@@ -1,13 +1,13 @@
 """
 Prefix caching: reading a passage once for all the questions asked about it.
 
-Evaluation asks about six questions per passage, and the prompt puts the passage (after the system prompt) before
-the question, so the prompts of one passage share a long first part and differ only in a short tail. Their keys
-and values for that first part are the same numbers in every prompt but one: rotary embeddings (model.py) rotate
-each key by its position, and left padding (model.py: left_pad) puts the same token at a different position in
-rows of different lengths. So the shared part is computed once per passage, its keys are rotated to where each
-row needs them (shift_keys), and only the tails are computed per question. answer.py reads every batch this way;
-`python bench/reading.py` measures what it saves.
+A test file asks several questions about each passage (six in the held-out file), and the prompt puts the passage
+(after the system prompt) before the question, so the prompts of one passage share a long first part and differ
+only in a short tail. Their keys and values for that first part are the same numbers in every prompt but one:
+rotary embeddings (model.py) rotate each key by its position, and left padding (model.py: left_pad) puts the same
+token at a different position in rows of different lengths. So the shared part is computed once per passage, its
+keys are rotated to where each row needs them (shift_keys), and only the tails are computed per question. answer.py
+reads every batch this way; `python bench/reading.py` measures what it saves.
 """
 
 import torch
