@@ -166,6 +166,26 @@ def reset_peak_rss():
         return False
 
 
+# The operations that do the arithmetic itself: matrix products and attention. Any implementation of the same
+# model, batch and loss must run them; everything else (norms, rotations, additions, copies, the optimizer, the
+# framework's own bookkeeping) is what one implementation can do with less time than another.
+PRODUCTS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::mv", "aten::addmv",
+            "aten::_scaled_dot_product_flash_attention_for_cpu",
+            "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def products_share(fn):
+    """Run fn() once under torch.profiler (CPU only) -> (seconds in PRODUCTS, seconds in all operations), each an
+    operation's own time without what it calls, so nothing is counted twice. The profiler slows the small
+    operations down, not the large products: use the first number, not the second, beside an unprofiled time."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = prof.key_averages()
+    products = sum(e.self_cpu_time_total for e in events if e.key in PRODUCTS) / 1e6
+    return products, sum(e.self_cpu_time_total for e in events) / 1e6
+
+
 def run_worker(script, args, env=None):
     """Run `python script args...` in a fresh process; return the JSON dict on its BENCH_RESULT line."""
     cmd = [sys.executable, script] + [str(a) for a in args]

@@ -18,6 +18,8 @@ Llama.from_pretrained(quantize="nf4") (on a GPU its decode steps take kernels.py
 through transformers' BitsAndBytesConfig. The two quantize the same weights a little differently (bitsandbytes'
 approximate absmax lookup on CPU), so their greedy tokens can part after a near tie.
 Runs alternate ours, reference, ours, reference ... after one untimed warm-up each; medians are reported.
+With profile=True the summary adds the reference's time per token divided by the time per token of our matrix
+products and attention: the most any implementation doing our arithmetic could reach against this reference, here.
 """
 
 import sys
@@ -33,12 +35,14 @@ batch_size = 1               # sequences generated together
 prompt_tokens = 64           # random prompt tokens per sequence
 new_tokens = 128             # tokens generated after the prompt, exactly (end of sequence is disabled on both sides)
 reps = 3                     # timed runs per system, interleaved
+profile = False              # CPU: also run our generation once under torch.profiler and report how much of it is
+                             # matrix products and attention, the arithmetic no implementation can skip
 # -------------------------------------------------------------------------------------------------------------------
 settings = {**common.SHARED_SETTINGS,  # device, dtype, threads, seed, smoke: bench/common.py
             **{k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}}
 
 from common import (Timer, check_checkpoint, check_choice, machine_note, median, pick_device, pick_dtype,  # noqa: E402
-                    set_threads, summary)
+                    products_share, set_threads, summary)
 from configurator import configure  # noqa: E402
 
 
@@ -84,6 +88,8 @@ def main(argv=None):
         sys.exit("error: batch_size, prompt_tokens, new_tokens and reps must be at least 1")
     check_choice("quantize", cfg["quantize"], ("none", "nf4"))
     check_checkpoint(cfg["init_from"])
+    if cfg["profile"] and cfg["device"] != "cpu":
+        sys.exit("error: profile=True measures CPU operations; on a GPU use a CUDA profiler (nsys) instead")
     set_threads(cfg["threads"])
     device = pick_device(cfg["device"])
     dtype = pick_dtype(cfg["dtype"], device)
@@ -119,6 +125,14 @@ def main(argv=None):
         print(f"greedy tokens: first difference at new token {first} of {new_tokens} ({why})")
     name = "generate_tokens_per_s" if quantize is None else f"generate_{quantize}_tokens_per_s"
     summary(name, median(speed["ours"]), median(speed["reference"]), "tok/s")
+    if cfg["profile"]:
+        products_s, profiled_s = products_share(lambda: generate_ours(ours, prompt, new_tokens))
+        per_token = lambda seconds: seconds / (batch * new_tokens) * 1e3                   # ms per new token
+        ref_ms = per_token(batch * new_tokens / median(speed["reference"]))
+        print(f"profiled: {per_token(profiled_s):.1f} ms per token, of which matrix products and attention "
+              f"{per_token(products_s):.1f} ms; the reference takes {ref_ms:.1f} ms per token unprofiled: no "
+              f"implementation doing our arithmetic can be more than {ref_ms / per_token(products_s):.2f}x faster "
+              f"here; ours is {median(speed['ours']) / median(speed['reference']):.2f}x")
 
 
 if __name__ == "__main__":

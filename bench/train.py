@@ -25,6 +25,9 @@ Memory: each (system, mode, round) runs in a fresh Python process, so peaks neve
 (RSS) above the process's own RSS right after its imports: "load" while reading and building the model, "train"
 over the steps (weights + activations + optimizer). On CUDA, torch.cuda.max_memory_allocated likewise.
 Rounds alternate ours, reference, ours, reference ...; the summary reports medians.
+With profile=True each worker times one more step under torch.profiler, and the summary adds the reference's step
+time divided by the time of our step's matrix products and attention: the most any implementation doing our
+arithmetic could reach against this reference, here.
 """
 
 import json
@@ -51,13 +54,16 @@ learning_rate = 1e-4         # AdamW (torch's) on the adapters, on both sides
 loss = "full"                # "full": every next token; "answer": only the last answer_tokens of each row
 answer_tokens = 32           # loss="answer": the positions that carry the loss, at the end of each row
 gradient_checkpointing = False  # on both sides
+profile = False              # CPU: also run one more step under torch.profiler and report how much of it is matrix
+                             # products and attention, the arithmetic no implementation can skip (see below)
 worker = ""                  # internal: "ours" or "reference" runs that one system (and mode) in this process
 # -------------------------------------------------------------------------------------------------------------------
 settings = {**common.SHARED_SETTINGS,  # device, dtype, threads, seed, smoke: bench/common.py
             **{k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}}
 
 from common import (Timer, check_checkpoint, check_choice, machine_note, median, peak_rss_mib,  # noqa: E402
-                    pick_device, pick_dtype, report_result, reset_peak_rss, rss_mib, run_worker, set_threads, summary)
+                    pick_device, pick_dtype, products_share, report_result, reset_peak_rss, rss_mib, run_worker,
+                    set_threads, summary)
 from configurator import configure  # noqa: E402
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # lora_targets="all-linear"
@@ -155,7 +161,7 @@ def measure(cfg):
     device = pick_device(cfg["device"])
     dtype = pick_dtype(cfg["dtype"], device)
     batches = [(x.to(device), y.to(device)) for x, y in make_batches(cfg, vocab_size_of(cfg["init_from"]),
-                                                                    cfg["warmup"] + cfg["steps"])]
+                                                                    cfg["warmup"] + cfg["steps"] + cfg["profile"])]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
         mem_now = lambda: torch.cuda.memory_allocated() / 2**20
@@ -174,19 +180,24 @@ def measure(cfg):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg["learning_rate"])
 
+    def step(idx, labels):
+        loss = loss_fn(idx, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
     losses, seconds = [], []
-    for i, (idx, labels) in enumerate(batches):
+    for i, (idx, labels) in enumerate(batches[:cfg["warmup"] + cfg["steps"]]):
         with Timer(device) as t:
-            loss = loss_fn(idx, labels)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+            losses.append(step(idx, labels))
         if i >= cfg["warmup"]:
             seconds.append(t.seconds)
-    report_result(dict(
+    train_peak = mem_peak() - base_mem  # read before the profiler, which holds memory of its own
+    products_s, profiled_s = products_share(lambda: step(*batches[-1])) if cfg["profile"] else (None, None)
+    report_result(dict(products_s=products_s, profiled_s=profiled_s,
         tokens_per_s=cfg["batch_size"] * cfg["seq_len"] * cfg["steps"] / sum(seconds),
-        load_peak_mib=load_peak, train_peak_mib=mem_peak() - base_mem, load_s=load.seconds,
+        load_peak_mib=load_peak, train_peak_mib=train_peak, load_s=load.seconds,
         first_loss=losses[0], last_loss=losses[-1], trainable=sum(p.numel() for p in params)))
 
 
@@ -203,6 +214,8 @@ def parse(argv):
         cfg["lora_targets"] = ALL_LINEAR if cfg["lora_targets"] == "all-linear" else (cfg["lora_targets"],)
     if min(cfg["batch_size"], cfg["seq_len"], cfg["steps"], cfg["reps"], cfg["lora_r"]) < 1 or cfg["warmup"] < 0:
         sys.exit("error: batch_size, seq_len, steps, reps and lora_r must be at least 1, warmup at least 0")
+    if cfg["profile"] and cfg["device"] != "cpu":
+        sys.exit("error: profile=True measures CPU operations; on a GPU use a CUDA profiler (nsys) instead")
     if cfg["loss"] == "answer" and not 1 <= cfg["answer_tokens"] < cfg["seq_len"]:
         sys.exit(f"error: answer_tokens must be between 1 and seq_len - 1 ({cfg['seq_len'] - 1})")
     return cfg
@@ -233,6 +246,9 @@ def main(argv=None):
                       f"{r['load_peak_mib']:7.1f} train {r['train_peak_mib']:7.1f}, load {r['load_s']:5.1f} s, "
                       f"loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}, trainable {r['trainable']:,d}",
                       flush=True)
+                if cfg["profile"]:
+                    print(f"    profiled step: {r['profiled_s'] * 1e3:.0f} ms, of which matrix products and attention "
+                          f"{r['products_s'] * 1e3:.0f} ms", flush=True)
         ours, ref = runs["ours"], runs["reference"]
         if ours[0]["trainable"] != ref[0]["trainable"]:
             print(f"warning: {mode}: trainable parameter counts differ ({ours[0]['trainable']:,d} vs "
@@ -242,6 +258,13 @@ def main(argv=None):
         summary(f"{mode}_train_tokens_per_s", med(ours, "tokens_per_s"), med(ref, "tokens_per_s"), "tok/s")
         summary(f"{mode}_train_peak_mem", med(ours, "train_peak_mib"), med(ref, "train_peak_mib"), "MiB")
         summary(f"{mode}_load_peak_mem", med(ours, "load_peak_mib"), med(ref, "load_peak_mib"), "MiB")
+        if cfg["profile"]:
+            ref_step = cfg["batch_size"] * cfg["seq_len"] / med(ref, "tokens_per_s")        # seconds, unprofiled
+            floor = med(ours, "products_s")
+            print(f"{mode}_products_floor: our matrix products and attention {floor * 1e3:.0f} ms per step, the "
+                  f"reference's whole step {ref_step * 1e3:.0f} ms: no implementation doing our arithmetic can be "
+                  f"more than {ref_step / floor:.2f}x faster here; ours is "
+                  f"{med(ours, 'tokens_per_s') / med(ref, 'tokens_per_s'):.2f}x", flush=True)
 
 
 if __name__ == "__main__":

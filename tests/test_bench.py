@@ -124,6 +124,32 @@ def test_train_smoke(tiny_checkpoint):
         assert unit == "MiB" and ours < 50 and ref < 50
 
 
+def test_products_share_counts_matrix_products_only():
+    """bench/common.py: products_share adds up the time of matrix products and attention, and nothing else."""
+    import torch
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    from common import products_share
+    a = torch.randn(256, 256)
+    products, total = products_share(lambda: [a.exp() + 1.0 for _ in range(20)])   # no product at all
+    assert products == 0 and total > 0
+    products, total = products_share(lambda: [(a @ a).exp() for _ in range(20)])    # products and more
+    assert 0 < products < total
+
+
+@pytest.mark.parametrize("script, args, name", [
+    ("train.py", ("--mode=lora", "--loss=answer"), "lora_products_floor"),
+    ("generate.py", (), "profiled"),
+])
+def test_profile_gives_the_reachable_ratio(tiny_checkpoint, script, args, name):
+    """--profile=True: the most reachable ratio is the reference's time over our products' time, so it is at least
+    the ratio ours reached (our step holds those products and more)."""
+    proc = run_bench(script, "--smoke=True", "--device=cpu", "--profile=True", f"--init_from={tiny_checkpoint}", *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = next(l for l in proc.stdout.splitlines() if l.startswith(name + ":"))
+    reachable, reached = map(float, re.search(r"more than ([0-9.]+)x faster here; ours is ([0-9.]+)x", line).groups())
+    assert reachable >= reached > 0
+
+
 def test_missing_checkpoint_says_what_to_do(tmp_path):
     proc = run_bench("generate.py", "--smoke=True", f"--init_from={tmp_path / 'nowhere'}")
     assert proc.returncode != 0
