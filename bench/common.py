@@ -174,6 +174,12 @@ PRODUCTS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddb
             "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
+def check_profile(cfg):
+    """profile=True reads torch.profiler's CPU times, which say nothing of work queued on a GPU."""
+    if cfg["profile"] and cfg["device"] != "cpu":
+        sys.exit("error: profile=True measures CPU operations; on a GPU use a CUDA profiler (nsys) instead")
+
+
 def products_share(fn):
     """Run fn() once under torch.profiler (CPU only) -> (seconds in PRODUCTS, seconds in all operations), each an
     operation's own time without what it calls, so nothing is counted twice. The profiler slows the small

@@ -41,8 +41,8 @@ profile = False              # CPU: also run our generation once under torch.pro
 settings = {**common.SHARED_SETTINGS,  # device, dtype, threads, seed, smoke: bench/common.py
             **{k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}}
 
-from common import (Timer, check_checkpoint, check_choice, machine_note, median, pick_device, pick_dtype,  # noqa: E402
-                    products_share, set_threads, summary)
+from common import (Timer, check_checkpoint, check_choice, check_profile, machine_note, median,  # noqa: E402
+                    pick_device, pick_dtype, products_share, set_threads, summary)
 from configurator import configure  # noqa: E402
 
 
@@ -88,8 +88,7 @@ def main(argv=None):
         sys.exit("error: batch_size, prompt_tokens, new_tokens and reps must be at least 1")
     check_choice("quantize", cfg["quantize"], ("none", "nf4"))
     check_checkpoint(cfg["init_from"])
-    if cfg["profile"] and cfg["device"] != "cpu":
-        sys.exit("error: profile=True measures CPU operations; on a GPU use a CUDA profiler (nsys) instead")
+    check_profile(cfg)
     set_threads(cfg["threads"])
     device = pick_device(cfg["device"])
     dtype = pick_dtype(cfg["dtype"], device)

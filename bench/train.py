@@ -61,9 +61,9 @@ worker = ""                  # internal: "ours" or "reference" runs that one sys
 settings = {**common.SHARED_SETTINGS,  # device, dtype, threads, seed, smoke: bench/common.py
             **{k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (int, float, bool, str))}}
 
-from common import (Timer, check_checkpoint, check_choice, machine_note, median, peak_rss_mib,  # noqa: E402
-                    pick_device, pick_dtype, products_share, report_result, reset_peak_rss, rss_mib, run_worker,
-                    set_threads, summary)
+from common import (Timer, check_checkpoint, check_choice, check_profile, machine_note, median,  # noqa: E402
+                    peak_rss_mib, pick_device, pick_dtype, products_share, report_result, reset_peak_rss, rss_mib,
+                    run_worker, set_threads, summary)
 from configurator import configure  # noqa: E402
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # lora_targets="all-linear"
@@ -214,8 +214,7 @@ def parse(argv):
         cfg["lora_targets"] = ALL_LINEAR if cfg["lora_targets"] == "all-linear" else (cfg["lora_targets"],)
     if min(cfg["batch_size"], cfg["seq_len"], cfg["steps"], cfg["reps"], cfg["lora_r"]) < 1 or cfg["warmup"] < 0:
         sys.exit("error: batch_size, seq_len, steps, reps and lora_r must be at least 1, warmup at least 0")
-    if cfg["profile"] and cfg["device"] != "cpu":
-        sys.exit("error: profile=True measures CPU operations; on a GPU use a CUDA profiler (nsys) instead")
+    check_profile(cfg)
     if cfg["loss"] == "answer" and not 1 <= cfg["answer_tokens"] < cfg["seq_len"]:
         sys.exit(f"error: answer_tokens must be between 1 and seq_len - 1 ({cfg['seq_len'] - 1})")
     return cfg
